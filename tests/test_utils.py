@@ -1,0 +1,113 @@
+"""Tests for utils: split, metrics, atomic writes, the error path, checkpoints."""
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import utils
+
+
+def test_split_is_subject_wise_deterministic_and_sized():
+    subjects = [f"s{i:03d}" for i in range(100)]
+    a = utils.split_subjects(subjects, 0.1, 0.2, seed=666)
+    b = utils.split_subjects(list(reversed(subjects)) * 3, 0.1, 0.2, seed=666)
+    assert a == b
+    counts = {k: sum(v == k for v in a.values()) for k in ("train", "val", "test")}
+    assert counts == {"train": 70, "val": 10, "test": 20}
+    assert utils.split_subjects(subjects, 0.1, 0.2, seed=1) != a
+
+
+@pytest.mark.parametrize("val,test,msg", [
+    (1.0, 0.1, "--val_ratio must be in [0, 1)"),
+    (0.1, -0.1, "--test_ratio must be in [0, 1)"),
+    (0.5, 0.5, "must be below 1"),
+])
+def test_split_rejects_bad_ratios(val, test, msg):
+    with pytest.raises(utils.UserError, match=msg.replace("[", r"\[").replace(")", r"\)")):
+        utils.split_subjects(["a", "b", "c"], val, test, seed=0)
+
+
+def test_split_rejects_too_few_subjects():
+    with pytest.raises(utils.UserError, match="too few subjects \\(2\\)"):
+        utils.split_subjects(["a", "b"], 0.1, 0.2, seed=0)
+
+
+def test_subject_of_takes_text_before_first_underscore():
+    assert utils.subject_of("123_4_5") == "123"
+    assert utils.subject_of("abc") == "abc"
+
+
+def test_target_metrics_match_hand_computation():
+    t = np.array([100.0, 110.0, 120.0, 130.0])
+    p = np.array([102.0, 108.0, 125.0, 129.0])
+    m = utils.target_metrics(t, p)
+    e = np.array([2.0, -2.0, 5.0, -1.0])
+    assert m["mae"] == pytest.approx(2.5)
+    assert m["rmse"] == pytest.approx(np.sqrt(34 / 4))
+    assert m["me"] == pytest.approx(1.0)
+    assert m["sd"] == pytest.approx(np.sqrt(np.sum((e - 1.0) ** 2) / 3))
+    assert m["r2"] == pytest.approx(1 - 34 / 500)
+    assert m["pearson"] == pytest.approx(np.corrcoef(t, p)[0, 1])
+
+
+def test_target_metrics_constant_inputs_are_finite():
+    m = utils.target_metrics(np.array([5.0, 5.0]), np.array([4.0, 6.0]))
+    assert m["pearson"] == 0.0 and m["r2"] == 0.0
+    assert utils.target_metrics(np.array([1.0]), np.array([2.0]))["sd"] == 0.0
+
+
+def test_regression_metrics_mean_averages_targets():
+    t = np.array([[1.0, 10.0], [2.0, 20.0], [3.0, 30.0]])
+    p = t + np.array([[1.0, 2.0], [1.0, 2.0], [-1.0, 2.0]])
+    out = utils.regression_metrics(t, p, ["a", "b"])
+    assert out["per_target"]["a"]["mae"] == pytest.approx(1.0)
+    assert out["per_target"]["b"]["mae"] == pytest.approx(2.0)
+    assert out["mean"]["mae"] == pytest.approx(1.5)
+    assert set(out["mean"]) == {"mae", "rmse", "pearson", "r2"}
+
+
+def test_atomic_path_leaves_nothing_on_failure(tmp_path):
+    target = tmp_path / "out.txt"
+    with pytest.raises(RuntimeError):
+        with utils.atomic_path(str(target)) as tmp:
+            open(tmp, "w").write("half")
+            raise RuntimeError("killed")
+    assert os.listdir(tmp_path) == []
+    utils.write_text_atomic(str(target), "whole")
+    assert target.read_text() == "whole" and os.listdir(tmp_path) == ["out.txt"]
+
+
+def test_run_cli_turns_user_error_into_status_2(capsys):
+    def main(argv):
+        raise utils.UserError("labels CSV x.csv:\n no such file")
+    assert utils.run_cli(main) == 2
+    assert capsys.readouterr().err == "error: labels CSV x.csv: no such file\n"
+
+
+def test_argument_parser_error_is_one_line_user_error():
+    parser = utils.ArgumentParser()
+    parser.add_argument("--n", type=int, required=True)
+    with pytest.raises(utils.UserError, match="--n"):
+        parser.parse_args([])
+
+
+class _NotData:
+    pass
+
+
+def test_load_checkpoint_allows_numpy_scalars_and_refuses_objects(tmp_path):
+    good, bad, junk = (str(tmp_path / n) for n in ("good.pth", "bad.pth", "junk.pth"))
+    torch.save({"state_dict": {"w": torch.ones(2)}, "score": np.float64(0.5),
+                "arr": np.arange(3)}, good)
+    torch.save({"state_dict": {}, "obj": _NotData()}, bad)
+    open(junk, "w").write("not a checkpoint")
+    ck = utils.load_checkpoint(good)
+    assert float(ck["score"]) == 0.5 and ck["arr"].tolist() == [0, 1, 2]
+    with pytest.raises(utils.UserError, match="--trust_checkpoint"):
+        utils.load_checkpoint(bad)
+    assert "obj" in utils.load_checkpoint(bad, trust=True)
+    with pytest.raises(utils.UserError, match="not a readable PyTorch checkpoint"):
+        utils.load_checkpoint(junk)
+    with pytest.raises(utils.UserError, match="no such file"):
+        utils.load_checkpoint(str(tmp_path / "missing.pth"))

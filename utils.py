@@ -1,0 +1,229 @@
+"""Shared helpers: the user-facing error path, atomic file writes, seeding, the
+subject-wise split, the one metrics function and the one checkpoint reader/writer.
+
+Every script's entry point is ``raise SystemExit(run_cli(main))``: a ``UserError``
+raised anywhere becomes one line ``error: ...`` on stderr and exit status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import random
+import sys
+import tempfile
+from typing import Callable, Dict, Iterator, Optional, Sequence
+
+import numpy as np
+
+
+# ----------------------------------------------------------------------------- errors
+class UserError(Exception):
+    """Bad input or bad invocation: reported as ``error: <message>``, exit status 2."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse that reports a bad invocation as a ``UserError`` (one line, status 2)."""
+
+    def error(self, message: str):  # noqa: D401 - argparse API
+        raise UserError(message)
+
+
+def run_cli(main: Callable[[Optional[Sequence[str]]], None],
+            argv: Optional[Sequence[str]] = None) -> int:
+    """Run ``main(argv)``; turn a ``UserError`` into a one-line message and status 2."""
+    try:
+        main(argv)
+    except UserError as exc:
+        msg = " ".join(str(exc).split())
+        print(f"error: {msg}", file=sys.stderr)
+        return 2
+    return 0
+
+
+# ----------------------------------------------------------------------------- atomic files
+@contextlib.contextmanager
+def atomic_path(path: str) -> Iterator[str]:
+    """Yield a temporary path beside ``path``; rename it onto ``path`` on success.
+
+    The file therefore appears whole or not at all, also when the process is killed.
+    """
+    directory = os.path.dirname(os.path.abspath(path)) or "."
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp",
+                               dir=directory)
+    os.close(fd)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_bytes_atomic(path: str, data: bytes) -> None:
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+
+
+def write_text_atomic(path: str, text: str) -> None:
+    write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def write_json_atomic(path: str, obj) -> None:
+    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def write_csv_atomic(path: str, frame) -> None:
+    """Write a pandas DataFrame as CSV (no index), atomically."""
+    write_text_atomic(path, frame.to_csv(index=False, lineterminator="\n"))
+
+
+def save_npz_atomic(path: str, **arrays: np.ndarray) -> None:
+    """``np.savez_compressed`` to ``path`` (exact name, no suffix added), atomically."""
+    buf = io.BytesIO()
+    np.savez_compressed(buf, **arrays)
+    write_bytes_atomic(path, buf.getvalue())
+
+
+# ----------------------------------------------------------------------------- seeding
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (CPU and CUDA)."""
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed % (2 ** 32))
+    torch.manual_seed(seed)
+
+
+# ----------------------------------------------------------------------------- split
+def subject_of(ssoid: str) -> str:
+    """The subject of a record id: the part before the first ``_`` (the whole id if none)."""
+    return str(ssoid).split("_", 1)[0]
+
+
+def split_subjects(subjects: Sequence[str], val_ratio: float, test_ratio: float,
+                   seed: int) -> Dict[str, str]:
+    """Map each distinct subject to ``train``/``val``/``test``.
+
+    Subjects are sorted, shuffled with ``seed`` and cut by the ratios, so the same
+    subjects and seed always give the same split, whatever the row order.
+    """
+    for name, ratio in (("--val_ratio", val_ratio), ("--test_ratio", test_ratio)):
+        if not 0.0 <= ratio < 1.0:
+            raise UserError(f"{name} must be in [0, 1), got {ratio}")
+    if val_ratio + test_ratio >= 1.0:
+        raise UserError(f"--val_ratio + --test_ratio must be below 1, got "
+                        f"{val_ratio} + {test_ratio} = {val_ratio + test_ratio:g}")
+    unique = sorted(set(str(s) for s in subjects))
+    n = len(unique)
+    n_test = int(round(n * test_ratio))
+    n_val = int(round(n * val_ratio))
+    n_test = max(n_test, 1) if test_ratio > 0 else 0
+    n_val = max(n_val, 1) if val_ratio > 0 else 0
+    if n - n_test - n_val < 1 or (val_ratio > 0 and n_val < 1):
+        raise UserError(f"too few subjects ({n}) for --val_ratio {val_ratio} and "
+                        f"--test_ratio {test_ratio}: each split needs at least one subject")
+    order = np.random.default_rng(seed).permutation(n)
+    shuffled = [unique[i] for i in order]
+    split = {}
+    for i, subj in enumerate(shuffled):
+        split[subj] = "test" if i < n_test else ("val" if i < n_test + n_val else "train")
+    return split
+
+
+# ----------------------------------------------------------------------------- metrics
+METRIC_KEYS = ("mae", "rmse", "pearson", "r2", "me", "sd")
+MEAN_KEYS = ("mae", "rmse", "pearson", "r2")
+
+
+def target_metrics(y_true: np.ndarray, y_pred: np.ndarray) -> Dict[str, float]:
+    """CONTRACT section 3 metrics of one target, e = pred - true, in the units given.
+
+    ``pearson`` is 0.0 when either side is constant; ``r2`` is 0.0 when the truth is
+    constant; ``sd`` (ddof=1) is 0.0 for a single record.
+    """
+    t = np.asarray(y_true, dtype=np.float64)
+    p = np.asarray(y_pred, dtype=np.float64)
+    e = p - t
+    sst = float(np.sum((t - t.mean()) ** 2))
+    std_t, std_p = float(t.std()), float(p.std())
+    if std_t > 0 and std_p > 0:
+        pearson = float(np.mean((t - t.mean()) * (p - p.mean())) / (std_t * std_p))
+    else:
+        pearson = 0.0
+    return {
+        "mae": float(np.mean(np.abs(e))),
+        "rmse": float(np.sqrt(np.mean(e ** 2))),
+        "pearson": pearson,
+        "r2": float(1.0 - np.sum(e ** 2) / sst) if sst > 0 else 0.0,
+        "me": float(np.mean(e)),
+        "sd": float(np.std(e, ddof=1)) if e.size > 1 else 0.0,
+    }
+
+
+def regression_metrics(y_true: np.ndarray, y_pred: np.ndarray,
+                       target_cols: Sequence[str]) -> Dict[str, dict]:
+    """``{"per_target": {col: metrics}, "mean": {mae, rmse, pearson, r2}}`` for (N, T) arrays."""
+    y_true = np.asarray(y_true, dtype=np.float64).reshape(len(y_true), len(target_cols))
+    y_pred = np.asarray(y_pred, dtype=np.float64).reshape(len(y_pred), len(target_cols))
+    per = {c: target_metrics(y_true[:, k], y_pred[:, k]) for k, c in enumerate(target_cols)}
+    mean = {m: float(np.mean([per[c][m] for c in target_cols])) for m in MEAN_KEYS}
+    return {"per_target": per, "mean": mean}
+
+
+# ----------------------------------------------------------------------------- checkpoints
+TRUST_FLAG = "--trust_checkpoint"
+
+
+def _numpy_safe_globals() -> list:
+    """Plain-data numpy types that a weights-only load may rebuild (CONTRACT section 5)."""
+    allowed = [np.dtype, np.ndarray]
+    for mod_name in ("numpy._core.multiarray", "numpy.core.multiarray"):
+        try:
+            mod = __import__(mod_name, fromlist=["scalar", "_reconstruct"])
+        except ImportError:
+            continue
+        allowed += [mod.scalar, mod._reconstruct]
+        break
+    allowed += [type(np.dtype(t)) for t in
+                ("f2", "f4", "f8", "i1", "i2", "i4", "i8", "u1", "u2", "u4", "u8", "?")]
+    return allowed
+
+
+def load_checkpoint(path: str, trust: bool = False, map_location="cpu") -> dict:
+    """Load a ``torch.save``d file; weights-only unless ``trust`` (the user's flag).
+
+    Raises ``UserError`` for a missing file, a file that is not a torch checkpoint, or
+    one that needs full unpickling when ``trust`` is off.
+    """
+    import pickle
+
+    import torch
+
+    if not os.path.isfile(path):
+        raise UserError(f"checkpoint {path}: no such file")
+    try:
+        if trust:
+            return torch.load(path, map_location=map_location, weights_only=False)
+        with torch.serialization.safe_globals(_numpy_safe_globals()):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if "Weights only load failed" in str(exc) and "GLOBAL" in str(exc):
+            raise UserError(f"checkpoint {path} holds objects that need full unpickling; "
+                            f"if you trust this file, add {TRUST_FLAG}") from None
+        raise UserError(f"checkpoint {path} is not a readable PyTorch checkpoint "
+                        f"({type(exc).__name__})") from None
+    except Exception as exc:  # torch raises many types for a file that is not its own
+        raise UserError(f"checkpoint {path} is not a readable PyTorch checkpoint "
+                        f"({type(exc).__name__})") from None
+
+
+def save_checkpoint(path: str, payload: dict) -> None:
+    """``torch.save`` ``payload`` to ``path`` atomically (the one checkpoint writer)."""
+    import torch
+
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
