@@ -1,0 +1,105 @@
+"""Tests for dataset.py: labels reading, usable rows, npz checks, z-scoring, the cache."""
+import os
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import dataset
+from utils import UserError
+
+
+def _write_npz(folder, ssoid, x):
+    np.savez_compressed(os.path.join(folder, f"{ssoid}.npz"), x=x)
+
+
+@pytest.fixture
+def records(tmp_path):
+    folder = tmp_path / "npz"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        x = np.stack([rng.normal(3.0, 2.0, 50), rng.normal(-1.0, 0.5, 50)], axis=1)
+        _write_npz(folder, f"s{i}_0", x.astype(np.float32))
+    bad = np.ones((50, 2), np.float32)
+    bad[3, 1] = np.nan
+    _write_npz(folder, "s9_nan", bad)
+    _write_npz(folder, "s9_shape", np.ones((50, 3), np.float32))
+    _write_npz(folder, "s9_short", np.ones((40, 2), np.float32))
+    (folder / "s9_junk.npz").write_bytes(b"not a zip")
+    whole = (folder / "s0_0.npz").read_bytes()
+    (folder / "s9_cut.npz").write_bytes(whole[: len(whole) // 2])
+    return str(folder)
+
+
+def test_check_records_lists_each_bad_file_with_its_reason(records):
+    ids = ["s0_0", "s1_0", "s9_nan", "s9_shape", "s9_short", "s9_junk", "s9_cut", "s2_0"]
+    good, length, skipped = dataset.check_records(ids, records, workers=2)
+    assert good == ["s0_0", "s1_0", "s2_0"] and length == 50
+    assert list(skipped.columns) == ["ssoid", "path", "reason"]
+    reasons = dict(zip(skipped["ssoid"], skipped["reason"]))
+    assert reasons == {"s9_nan": "non-finite values", "s9_shape": "shape (50, 3) is not (L, 2)",
+                       "s9_short": "length 40 differs from the common length 50",
+                       "s9_junk": "unreadable (ValueError)", "s9_cut": "unreadable (BadZipFile)"}
+
+
+def test_usable_rows_counts_each_drop_reason(records, tmp_path):
+    labels = pd.DataFrame({"ssoid": ["s0_0", "s1_0", "s1_0", "gone_0", "s2_0"],
+                           "sbp": [120.0, 130.0, 130.0, 110.0, np.nan]})
+    rows, dropped = dataset.usable_rows(labels, records, ["sbp"])
+    assert list(rows["ssoid"]) == ["s0_0", "s1_0"]
+    assert dropped == {"duplicate ssoid in labels CSV": 1, "no npz file": 1,
+                       "missing target value": 1}
+
+
+def test_usable_rows_without_overlap_is_a_user_error(records):
+    labels = pd.DataFrame({"ssoid": ["x_1", "y_2"], "sbp": [1.0, 2.0]})
+    with pytest.raises(UserError, match="no usable rows"):
+        dataset.usable_rows(labels, records, ["sbp"])
+
+
+def test_read_labels_errors_name_file_and_column(tmp_path):
+    path = tmp_path / "labels.csv"
+    path.write_text("ssoid,sbp\n001_1,120\n")
+    frame = dataset.read_labels(str(path), ["sbp"])
+    assert frame["ssoid"].tolist() == ["001_1"]  # leading zeros kept: ids are text
+    with pytest.raises(UserError, match=r"labels.csv has no column dbp"):
+        dataset.read_labels(str(path), ["sbp", "dbp"])
+    with pytest.raises(UserError, match="no such file"):
+        dataset.read_labels(str(tmp_path / "missing.csv"), ["sbp"])
+    (tmp_path / "bin.csv").write_bytes(b"\xff\xfe\x00garbage\x00\xff")
+    with pytest.raises(UserError, match="bin.csv"):
+        dataset.read_labels(str(tmp_path / "bin.csv"), ["sbp"])
+
+
+def test_dataset_zscores_each_channel_and_picks_channels(records):
+    targets = np.array([[0.5], [1.5]], np.float32)
+    ds = dataset.BPDataset(["s0_0", "s1_0"], records, targets, channels=[1])
+    x, y, ssoid = ds[1]
+    raw = dataset.load_x(os.path.join(records, "s1_0.npz"))[:, 1]
+    assert tuple(x.shape) == (1, 50) and ssoid == "s1_0" and float(y[0]) == 1.5
+    np.testing.assert_allclose(x[0].numpy(), (raw - raw.mean()) / raw.std(), rtol=1e-5)
+    both = dataset.BPDataset(["s0_0"], records, targets[:1], channels=[0, 1], normalize=False)
+    np.testing.assert_array_equal(both[0][0].numpy(),
+                                  dataset.load_x(os.path.join(records, "s0_0.npz")).T)
+
+
+def test_zscore_of_flat_channel_is_zero():
+    x = np.stack([np.full(10, 7.0), np.arange(10.0)], axis=1)
+    z = dataset.zscore(x)
+    assert np.all(z[:, 0] == 0) and z[:, 1].std() == pytest.approx(1.0)
+
+
+def test_cache_holds_the_same_records_and_is_reused(records, tmp_path):
+    ids = ["s0_0", "s1_0", "s2_0"]
+    paths = [dataset.npz_path(records, s) for s in ids]
+    cache_dir = str(tmp_path / "cache")
+    cache = dataset.open_cache(cache_dir, paths, 50)
+    assert cache.shape == (3, 50, 2) and cache.dtype == np.float32
+    np.testing.assert_array_equal(cache[2], dataset.load_x(paths[2]))
+    before = sorted(os.listdir(cache_dir))
+    again = dataset.open_cache(cache_dir, paths, 50)
+    assert sorted(os.listdir(cache_dir)) == before and len(before) == 2
+    from_cache = dataset.BPDataset(ids, records, np.zeros((3, 1)), [0, 1], cache=again)
+    from_files = dataset.BPDataset(ids, records, np.zeros((3, 1)), [0, 1])
+    np.testing.assert_array_equal(from_cache[1][0].numpy(), from_files[1][0].numpy())
