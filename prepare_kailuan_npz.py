@@ -1,0 +1,559 @@
+"""Step 1: convert a cohort HDF5 in the Kailuan layout (CONTRACT section 1) into one
+``<id>.npz`` per usable record and a labels CSV (CONTRACT section 2).
+
+    python prepare_kailuan_npz.py --h5_path kailuan_dataset.h5 --id_key new_id \\
+      --target_cols right_arm_dbp left_arm_mbp right_arm_pp right_arm_sbp left_arm_sbp \\
+      --output_npz data/npz --output_csv data/labels.csv --target_seq_len 7500 --workers 8
+
+Each ``<id>.npz`` holds ``x``: float32 (target_seq_len, 2), column 0 ECG, column 1 PPG, each
+resampled over the whole record by ``resample_signal``.
+
+Resampling (``resample_signal``, the project's one resampler): band-limited resampling of the
+record's mirror-symmetric extension (DCT-II, keep or zero-pad the coefficients, inverse DCT).
+Output sample m lies at input position (m + 0.5) * n / target_len - 0.5, so both channels keep
+their common span whatever their lengths. Dropping the coefficients above the new Nyquist
+frequency is the anti-aliasing (an ideal low-pass). Unlike FFT resampling, the record's end does
+not wrap around onto its start, which would ring at both edges; unlike ``resample_poly``, the
+cost is O(n log n) for any pair of lengths, also for variable-length rows whose lengths share no
+factor (where a polyphase filter would need tens of thousands of taps).
+
+Rejected records (not written; listed in ``<output_csv stem>_rejected.csv`` as ``row,id,reason``):
+``empty_ecg``/``empty_ppg`` (no samples), ``nan_or_inf_ecg``/``_ppg`` (a NaN or Inf sample, or a
+value beyond float32), ``flat_ecg``/``_ppg`` (peak-to-peak <= 1e-6 * max(1, largest magnitude)),
+``unsafe_id`` (not ``[A-Za-z0-9][A-Za-z0-9._-]*``, holds ``..``, or longer than 200 characters, so
+it can never name a file outside ``--output_npz``), ``duplicate_id`` (the id of an earlier row:
+the first row with an id is used, later ones are rejected; each written file then pairs the
+signals and labels of one HDF5 row, and nothing usable is thrown away when records were exported
+twice). A record with a missing (NaN) label is written; its CSV cell is empty.
+
+Re-runs and interruptions: every file is written to a temporary name and renamed, so an existing
+``<id>.npz`` is complete; a re-run skips those, so running the same command again after an
+interruption (Ctrl-C, a killed job) finishes the job. Temporary files left by a killed run are
+removed at start. The labels and rejected CSVs are written whole at the end. ``--output_npz``
+keeps a small manifest (input file size and time, keys, ``--target_seq_len``): a re-run into a
+folder prepared from another input or with other settings is refused instead of mixing records,
+and so is a folder of ``.npz`` files that this script did not write. An existing ``--output_csv``
+is replaced only if it is a labels CSV (first column ``ssoid``). Changing ``--target_cols`` or
+``--extra_cols`` and running again only rewrites the CSV.
+
+Memory: signals are read in chunks of rows by each worker (``--chunk_rows``), so memory does not
+grow with the cohort; the 1-D metadata columns (ids and labels, a few numbers per record, needed
+whole for the duplicate check and the CSV) are read at once.
+
+Reusable by ``predict_bp.py --h5_path`` and the training code: ``resample_signal``,
+``record_to_x``, ``iter_records``, ``decode_text``, ``is_safe_id``.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import itertools
+import json
+import multiprocessing
+import os
+import re
+import signal
+import sys
+from collections import Counter
+from dataclasses import dataclass
+from typing import Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
+
+import h5py
+import numpy as np
+import pandas as pd
+import scipy.fft
+from tqdm import tqdm
+
+from utils import ArgumentParser, UserError, run_cli, save_npz_atomic, write_csv_atomic, \
+    write_json_atomic
+
+META_GROUP, ECG_KEY, PPG_KEY = "metadata", "signals/ecg", "signals/ppg"
+MAX_SEQ_LEN = 1_000_000
+MAX_ID_LEN = 200
+SAFE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+FLAT_TOL = 1e-6
+REJECTED_COLUMNS = ["row", "id", "reason"]
+MANIFEST = ".prepare_kailuan_npz.json"
+LOCK = ".prepare_kailuan_npz.lock"
+
+
+# ----------------------------------------------------------------------------- resampling
+def resample_signal(x, target_len: int) -> np.ndarray:
+    """``x`` (n,) or a batch of rows (rows, n) resampled to ``target_len`` samples, float64.
+
+    Band-limited resampling of the mirror-symmetric extension (see the module docstring);
+    exact for any sum of cosines that the shorter length can hold.
+    """
+    x = np.asarray(x, dtype=np.float64)
+    n = x.shape[-1]
+    if n == 0 or target_len < 1:
+        raise ValueError(f"cannot resample {n} samples to {target_len}")
+    if n == target_len:
+        return x.copy()
+    coeffs = scipy.fft.dct(x, type=2, norm="ortho", axis=-1)
+    out = scipy.fft.idct(coeffs, type=2, n=target_len, norm="ortho", axis=-1, overwrite_x=True)
+    return out * np.sqrt(target_len / n)
+
+
+def signal_problem(row: np.ndarray, name: str) -> Optional[str]:
+    """The rejection reason for one signal row, or None if it can be used."""
+    if row.size == 0:
+        return f"empty_{name}"
+    lo, hi = row.min(), row.max()  # NaN and Inf propagate into these
+    if not (np.isfinite(lo) and np.isfinite(hi)):
+        return f"nan_or_inf_{name}"
+    if hi - lo <= FLAT_TOL * max(1.0, abs(lo), abs(hi)):
+        return f"flat_{name}"
+    return None
+
+
+def record_to_x(ecg, ppg, target_len: int) -> Tuple[Optional[np.ndarray], Optional[str]]:
+    """One record's raw ECG and PPG rows as ``(x, None)``, x float32 (target_len, 2) with
+    column 0 ECG and column 1 PPG, or ``(None, reason)`` when the record can't be used."""
+    rows = {"ecg": np.asarray(ecg, dtype=np.float64).ravel(),
+            "ppg": np.asarray(ppg, dtype=np.float64).ravel()}
+    for name, row in rows.items():
+        reason = signal_problem(row, name)
+        if reason:
+            return None, reason
+    x = np.empty((target_len, 2), dtype=np.float32)
+    for col, (name, row) in enumerate(rows.items()):
+        with np.errstate(over="ignore"):  # checked on the next line
+            x[:, col] = resample_signal(row, target_len)
+        if not np.isfinite(x[:, col]).all():  # beyond float32
+            return None, f"nan_or_inf_{name}"
+    return x, None
+
+
+# ----------------------------------------------------------------------------- ids and text
+def decode_text(values) -> List[str]:
+    """Text of an id or text column: bytes (fixed or variable length) as UTF-8, str as is,
+    integers as decimal. Undecodable bytes are kept visible as ``\\xNN``."""
+    arr = np.asarray(values)
+    if arr.dtype.kind in "iu":
+        return [str(int(v)) for v in arr]
+    return [v.decode("utf-8", errors="backslashreplace") if isinstance(v, bytes) else str(v)
+            for v in arr.ravel()]
+
+
+def is_safe_id(record_id: str) -> bool:
+    """True when ``record_id`` can name ``<id>.npz`` inside the output folder and nowhere else."""
+    return (len(record_id) <= MAX_ID_LEN and ".." not in record_id
+            and SAFE_ID.fullmatch(record_id) is not None)
+
+
+def _is_text(dtype: np.dtype) -> bool:
+    return dtype.kind in "SU" or h5py.check_string_dtype(dtype) is not None
+
+
+# ----------------------------------------------------------------------------- reading
+@dataclass(frozen=True)
+class Cohort:
+    """Where the parts of a Kailuan-layout file are, and its number of rows (records)."""
+    h5_path: str
+    meta_group: str
+    ecg_key: str
+    ppg_key: str
+    n_rows: int
+
+
+class Record(NamedTuple):
+    row: int
+    id: str
+    ecg: np.ndarray
+    ppg: np.ndarray
+    meta: Dict[str, object]
+
+
+def _dataset(f: h5py.File, key: str, flag: str, path: str) -> h5py.Dataset:
+    obj = f.get(key)
+    if not isinstance(obj, h5py.Dataset):
+        found = "is a group, not a dataset" if isinstance(obj, h5py.Group) else "does not exist"
+        raise UserError(f"{flag}: {key} {found} in {path}")
+    return obj
+
+
+def _check_signal_dataset(ds: h5py.Dataset, flag: str, path: str) -> None:
+    vlen = h5py.check_vlen_dtype(ds.dtype)
+    fixed = ds.ndim == 2 and ds.dtype.kind in "fiu"
+    ragged = ds.ndim == 1 and vlen is not None and vlen.kind in "fiu"
+    if not (fixed or ragged):
+        raise UserError(f"{flag}: {ds.name} in {path} must be a 2-D numeric dataset or 1-D "
+                        f"variable-length numeric rows (found shape {ds.shape}, dtype {ds.dtype})")
+
+
+def check_cohort(f: h5py.File, path: str, fields: Sequence[Tuple[str, str]], meta_group: str,
+                 ecg_key: str, ppg_key: str) -> Cohort:
+    """Validate an open file against the layout; ``fields`` are (flag, metadata field) pairs."""
+    if not isinstance(f.get(meta_group), h5py.Group):
+        raise UserError(f"--meta_group: group {meta_group} does not exist in {path}")
+    signals = {flag: _dataset(f, key, flag, path)
+               for flag, key in (("--ecg_key", ecg_key), ("--ppg_key", ppg_key))}
+    for flag, ds in signals.items():
+        _check_signal_dataset(ds, flag, path)
+    n_rows = signals["--ecg_key"].shape[0]
+    if n_rows == 0:
+        raise UserError(f"{path}: {ecg_key} holds no records")
+    for flag, field in fields:
+        ds = _dataset(f, f"{meta_group}/{field}", flag, path)
+        if ds.ndim != 1:
+            raise UserError(f"{flag}: {ds.name} in {path} must be 1-D (found shape {ds.shape})")
+    for flag, ds in [*signals.items(),
+                     *((flag, f[f"{meta_group}/{field}"]) for flag, field in fields)]:
+        if ds.shape[0] != n_rows:
+            raise UserError(f"{flag}: {ds.name} in {path} has {ds.shape[0]} rows but {ecg_key} "
+                            f"has {n_rows}")
+    return Cohort(path, meta_group, ecg_key, ppg_key, n_rows)
+
+
+@contextlib.contextmanager
+def open_h5(path: str) -> Iterator[h5py.File]:
+    """The HDF5 file read-only; ``UserError`` if it is missing or not HDF5."""
+    if not os.path.isfile(path):
+        raise UserError(f"--h5_path {path}: no such file")
+    try:
+        f = h5py.File(path, "r")
+    except OSError as exc:
+        raise UserError(f"--h5_path {path} is not a readable HDF5 file ({exc})") from None
+    with f:
+        yield f
+
+
+def iter_records(h5_path: str, id_key: str = "new_id", meta_fields: Sequence[str] = (),
+                 meta_group: str = META_GROUP, ecg_key: str = ECG_KEY, ppg_key: str = PPG_KEY,
+                 start: int = 0, stop: Optional[int] = None,
+                 chunk_rows: int = 256) -> Iterator[Record]:
+    """Yield ``Record(row, id, ecg, ppg, meta)`` for rows ``start``..``stop``-1, reading
+    ``chunk_rows`` rows at a time; ``meta`` maps each of ``meta_fields`` to its value."""
+    fields = [("--id_key", id_key), *(("meta_fields", m) for m in meta_fields)]
+    with open_h5(h5_path) as f:
+        cohort = check_cohort(f, h5_path, fields, meta_group, ecg_key, ppg_key)
+        stop = cohort.n_rows if stop is None else min(stop, cohort.n_rows)
+        meta = f[meta_group]
+        for a in range(start, stop, chunk_rows):
+            b = min(a + chunk_rows, stop)
+            ids = decode_text(meta[id_key][a:b])
+            ecg, ppg = f[ecg_key][a:b], f[ppg_key][a:b]
+            values = {m: column_values(meta[m], a, b) for m in meta_fields}
+            for j in range(b - a):
+                yield Record(a + j, ids[j], ecg[j], ppg[j], {m: v[j] for m, v in values.items()})
+
+
+def column_values(ds: h5py.Dataset, a: int = 0, b: Optional[int] = None):
+    """Rows a..b-1 of a 1-D metadata field: numbers as an array, text as a list of str."""
+    raw = ds[a:b]
+    return decode_text(raw) if _is_text(ds.dtype) else raw
+
+
+# ----------------------------------------------------------------------------- planning
+@dataclass(frozen=True)
+class Task:
+    """A range of rows for one worker and which of them to write (row, id)."""
+    h5_path: str
+    id_key: str
+    meta_group: str
+    ecg_key: str
+    ppg_key: str
+    out_dir: str
+    target_len: int
+    start: int
+    stop: int
+    rows: Tuple[Tuple[int, str], ...]
+
+
+def screen_ids(ids: Sequence[str]) -> Tuple[List[Tuple[int, str]], List[Tuple[int, str, str]]]:
+    """Rows whose id is usable, and (row, id, reason) for unsafe and repeated ids."""
+    usable, rejected, seen = [], [], set()
+    for row, rid in enumerate(ids):
+        if not is_safe_id(rid):
+            rejected.append((row, rid, "unsafe_id"))
+        elif rid in seen:
+            rejected.append((row, rid, "duplicate_id"))
+        else:
+            seen.add(rid)
+            usable.append((row, rid))
+    return usable, rejected
+
+
+def make_tasks(todo: List[Tuple[int, str]], chunk_rows: int, workers: int, **common) -> List[Task]:
+    """Group the rows to write by blocks of at most ``chunk_rows`` HDF5 rows; smaller blocks
+    when there are few rows, so that every worker gets several tasks."""
+    size = max(1, min(chunk_rows, -(-len(todo) // (4 * workers))))
+    tasks = []
+    for _, group in itertools.groupby(todo, key=lambda item: item[0] // size):
+        rows = tuple(group)
+        tasks.append(Task(start=rows[0][0], stop=rows[-1][0] + 1, rows=rows, **common))
+    return tasks
+
+
+def process_task(task: Task) -> List[Tuple[int, str, Optional[str]]]:
+    """Resample, compress and atomically write the npz of the task's rows (in a worker);
+    return (row, id, reason) with reason None for each file written."""
+    wanted = dict(task.rows)
+    done = []
+    for rec in iter_records(task.h5_path, task.id_key, (), task.meta_group, task.ecg_key,
+                            task.ppg_key, task.start, task.stop, task.stop - task.start):
+        if rec.row not in wanted:
+            continue
+        x, reason = record_to_x(rec.ecg, rec.ppg, task.target_len)
+        if x is not None:
+            save_npz_atomic(os.path.join(task.out_dir, wanted[rec.row] + ".npz"), x=x)
+        done.append((rec.row, wanted[rec.row], reason))
+    return done
+
+
+def _ignore_sigint() -> None:
+    # Ctrl-C goes to the whole process group: let the main process alone stop the run.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def run_tasks(tasks: List[Task], workers: int) -> Iterator[List[Tuple[int, str, Optional[str]]]]:
+    """Each task's results as it finishes: in-process for one worker, else in a pool."""
+    if workers == 1:
+        yield from map(process_task, tasks)
+        return
+    # fork starts the workers at once; the main process holds no HDF5 file open by now.
+    method = "fork" if sys.platform.startswith("linux") else "spawn"
+    with multiprocessing.get_context(method).Pool(workers, initializer=_ignore_sigint) as pool:
+        yield from pool.imap_unordered(process_task, tasks)
+
+
+def run_with_progress(tasks: List[Task], workers: int,
+                      total: int) -> List[Tuple[int, str, Optional[str]]]:
+    """All tasks' (row, id, reason) behind a progress bar; a clean message on Ctrl-C."""
+    results: List[Tuple[int, str, Optional[str]]] = []
+    with tqdm(total=total, unit="rec", desc="prepare", file=sys.stderr) as progress:
+        try:
+            for done in run_tasks(tasks, workers):
+                results += done
+                progress.update(len(done))
+        except KeyboardInterrupt:
+            progress.close()
+            print(f"interrupted after {len(results)} of {total} records; every npz written is "
+                  f"complete: run the same command again to finish", file=sys.stderr)
+            raise SystemExit(130) from None
+    return results
+
+
+# ----------------------------------------------------------------------------- output folder
+def _first_line(path: str) -> str:
+    with open(path, "rb") as fh:
+        return fh.readline().decode("utf-8", errors="replace").strip()
+
+
+def rejected_path(output_csv: str) -> str:
+    """``<output_csv stem>_rejected.csv`` beside the labels CSV."""
+    return os.path.splitext(output_csv)[0] + "_rejected.csv"
+
+
+def check_outputs(output_npz: str, output_csv: str) -> None:
+    """Refuse output paths that can't be written or hold files this script did not write."""
+    for flag, path in (("--output_npz", output_npz), ("--output_csv", output_csv)):
+        parent = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(parent):
+            raise UserError(f"{flag} {path}: folder {parent} does not exist")
+    if os.path.exists(output_npz) and not os.path.isdir(output_npz):
+        raise UserError(f"--output_npz {output_npz} exists and is not a folder")
+    headers = {output_csv: "ssoid", rejected_path(output_csv): ",".join(REJECTED_COLUMNS)}
+    for path, header in headers.items():
+        if os.path.isdir(path):
+            raise UserError(f"--output_csv: {path} is a folder")
+        if os.path.exists(path) and not _first_line(path).startswith(header):
+            raise UserError(f"--output_csv: {path} exists and was not written by this script "
+                            f"(its first line is not '{header}...'); choose another path")
+
+
+def manifest_for(cohort: Cohort, id_key: str, target_len: int) -> dict:
+    """What the npz files in a folder depend on: the input file and the settings."""
+    stat = os.stat(cohort.h5_path)
+    return {"h5_path": os.path.abspath(cohort.h5_path), "h5_size": stat.st_size,
+            "h5_mtime_ns": stat.st_mtime_ns, "id_key": id_key, "meta_group": cohort.meta_group,
+            "ecg_key": cohort.ecg_key, "ppg_key": cohort.ppg_key, "target_seq_len": target_len}
+
+
+def existing_npz(output_npz: str, manifest: dict) -> set:
+    """Ids already written in ``output_npz`` by this script with the same input and settings."""
+    if not os.path.isdir(output_npz):
+        return set()
+    stems = {name[:-4] for name in os.listdir(output_npz)
+             if name.endswith(".npz") and not name.startswith(".")}
+    if not stems:
+        return stems
+    path = os.path.join(output_npz, MANIFEST)
+    if not os.path.isfile(path):
+        raise UserError(f"--output_npz {output_npz} already holds {len(stems)} .npz files that "
+                        f"this script did not write; choose an empty or new folder")
+    with open(path, encoding="utf-8") as fh:
+        old = json.load(fh)
+    changed = [k for k in manifest if k != "h5_path" and old.get(k) != manifest[k]]
+    if changed:
+        what = ", ".join(f"{k} {old.get(k)} -> {manifest[k]}" for k in changed)
+        raise UserError(f"--output_npz {output_npz} holds {len(stems)} .npz files made from "
+                        f"another input or settings ({what}); choose a new folder or empty it")
+    return stems
+
+
+def remove_leftovers(output_npz: str, output_csv: str) -> int:
+    """Delete temporary files of a killed run (``.<name>.<random>.tmp``); return how many."""
+    removed = 0
+    csv_dir = os.path.dirname(os.path.abspath(output_csv))
+    csv_names = (os.path.basename(output_csv), os.path.basename(rejected_path(output_csv)))
+    for folder, names in ((output_npz, None), (csv_dir, csv_names)):
+        for name in os.listdir(folder):
+            ours = (name.startswith(".") and name.endswith(".tmp")
+                    and (".npz." in name if names is None else
+                         any(name.startswith(f".{n}.") for n in names)))
+            if ours:
+                os.remove(os.path.join(folder, name))
+                removed += 1
+    return removed
+
+
+@contextlib.contextmanager
+def folder_lock(output_npz: str) -> Iterator[None]:
+    """Hold a lock on the output folder, so that two runs never write (or clean) it at once."""
+    with open(os.path.join(output_npz, LOCK), "a") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UserError(f"--output_npz {output_npz}: another prepare_kailuan_npz.py is "
+                            f"writing to this folder") from None
+        yield
+
+
+# ----------------------------------------------------------------------------- labels
+def labels_frame(rows: List[Tuple[int, str]], columns: Dict[str, object],
+                 subject_key: Optional[str], target_cols: Sequence[str],
+                 extra_cols: Sequence[str]) -> pd.DataFrame:
+    """The labels CSV: ssoid, [subject_id], targets, extras; one row per written record."""
+    idx = np.array([r for r, _ in rows], dtype=np.int64)
+    data = {"ssoid": [rid for _, rid in rows]}
+    for name, col in ((("subject_id", subject_key),) if subject_key else ()) + tuple(
+            (c, c) for c in [*target_cols, *extra_cols]):
+        values = columns[col]
+        data[name] = values[idx] if isinstance(values, np.ndarray) else [values[i] for i in idx]
+    return pd.DataFrame(data)
+
+
+def read_columns(meta: h5py.Group, names: Sequence[str], text: Sequence[str]) -> Dict[str, object]:
+    """Whole 1-D metadata columns: ``text`` ones as lists of str, others as ``column_values``."""
+    return {name: decode_text(meta[name][:]) if name in text else column_values(meta[name])
+            for name in dict.fromkeys([*text, *names])}
+
+
+def check_columns(meta: h5py.Group, path: str, args) -> None:
+    """Targets must be numeric, ids and subjects text or integers, extras numbers or text."""
+    for flag, names, ok, what in (
+            ("--id_key", [args.id_key], "iuSO", "text or integers"),
+            ("--subject_key", [args.subject_key] if args.subject_key else [], "iuSO",
+             "text or integers"),
+            ("--target_cols", args.target_cols, "fiu", "numeric"),
+            ("--extra_cols", args.extra_cols, "fiubSO", "numbers or text")):
+        for name in names:
+            dtype = meta[name].dtype
+            if dtype.kind not in ok or (dtype.kind == "O" and not _is_text(dtype)):
+                raise UserError(f"{flag}: {meta.name.lstrip('/')}/{name} in {path} must hold "
+                                f"{what} (found dtype {dtype})")
+
+
+def check_args(args) -> None:
+    """Flag values that are wrong whatever the input file."""
+    if not 2 <= args.target_seq_len <= MAX_SEQ_LEN:
+        raise UserError(f"--target_seq_len must be in [2, {MAX_SEQ_LEN}], "
+                        f"got {args.target_seq_len}")
+    if args.workers < 1:
+        raise UserError(f"--workers must be >= 1, got {args.workers}")
+    if args.chunk_rows < 1:
+        raise UserError(f"--chunk_rows must be >= 1, got {args.chunk_rows}")
+    names = ["ssoid", *(["subject_id"] if args.subject_key else []), *args.target_cols,
+             *args.extra_cols]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise UserError(f"--target_cols/--extra_cols: column {', '.join(repeated)} would appear "
+                        f"twice in the labels CSV")
+
+
+# ----------------------------------------------------------------------------- CLI
+def get_args_parser() -> ArgumentParser:
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--h5_path", required=True, help="cohort HDF5 in the Kailuan layout")
+    p.add_argument("--id_key", default="new_id", help="metadata field that names each record")
+    p.add_argument("--target_cols", nargs="+", required=True,
+                   help="metadata fields written as label columns, in this order")
+    p.add_argument("--output_npz", required=True, help="folder for <id>.npz (created if missing)")
+    p.add_argument("--output_csv", required=True,
+                   help="labels CSV; <stem>_rejected.csv is written beside it")
+    p.add_argument("--target_seq_len", type=int, default=7500,
+                   help="samples per signal after resampling the whole record")
+    p.add_argument("--subject_key", default=None,
+                   help="metadata field written as subject_id (e.g. uid); without it training "
+                        "takes the subject from the id's part before the first '_'")
+    p.add_argument("--extra_cols", nargs="*", default=[],
+                   help="more metadata fields for the CSV, e.g. age sex for --covariates")
+    p.add_argument("--meta_group", default=META_GROUP, help="HDF5 group of the metadata fields")
+    p.add_argument("--ecg_key", default=ECG_KEY, help="HDF5 dataset of the ECG rows")
+    p.add_argument("--ppg_key", default=PPG_KEY, help="HDF5 dataset of the PPG rows")
+    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
+                   help="processes that resample, compress and write (compression dominates)")
+    p.add_argument("--chunk_rows", type=int, default=256,
+                   help="rows a worker reads at once; memory per worker grows with it")
+    return p
+
+
+def summarize(n_rows: int, labels: pd.DataFrame, n_present: int, rejected: list,
+              target_cols: Sequence[str], paths: Dict[str, str]) -> str:
+    """The report printed at the end: counts, rejections by reason, output paths."""
+    lines = [f"{n_rows} records: {len(labels)} written ({n_present} already there), "
+             f"{len(rejected)} rejected"]
+    lines += [f"  rejected {reason}: {count}"
+              for reason, count in sorted(Counter(r for _, _, r in rejected).items())]
+    n_missing = int(labels[list(target_cols)].isna().any(axis=1).sum())
+    if n_missing:
+        lines.append(f"  written with an empty label cell: {n_missing}")
+    lines += [f"  {name}: {path}" for name, path in paths.items()]
+    return "\n".join(lines)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    args = get_args_parser().parse_args(argv)
+    check_args(args)
+    fields = [("--id_key", args.id_key), *(("--target_cols", c) for c in args.target_cols),
+              *(("--extra_cols", c) for c in args.extra_cols),
+              *((("--subject_key", args.subject_key),) if args.subject_key else ())]
+    text = [args.id_key, *([args.subject_key] if args.subject_key else [])]
+    with open_h5(args.h5_path) as f:
+        cohort = check_cohort(f, args.h5_path, fields, args.meta_group, args.ecg_key, args.ppg_key)
+        check_columns(f[args.meta_group], args.h5_path, args)
+        columns = read_columns(f[args.meta_group], [name for _, name in fields], text)
+    check_outputs(args.output_npz, args.output_csv)
+    manifest = manifest_for(cohort, args.id_key, args.target_seq_len)
+    present = existing_npz(args.output_npz, manifest)
+    usable, rejected = screen_ids(columns[args.id_key])
+    # ---- nothing is written before this line
+    os.makedirs(args.output_npz, exist_ok=True)
+    with folder_lock(args.output_npz):
+        n_leftovers = remove_leftovers(args.output_npz, args.output_csv)
+        if n_leftovers:
+            print(f"removed {n_leftovers} temporary files of an interrupted run")
+        write_json_atomic(os.path.join(args.output_npz, MANIFEST), manifest)
+        todo = [(row, rid) for row, rid in usable if rid not in present]
+        tasks = make_tasks(todo, args.chunk_rows, args.workers, h5_path=args.h5_path,
+                           id_key=args.id_key, meta_group=args.meta_group, ecg_key=args.ecg_key,
+                           ppg_key=args.ppg_key, out_dir=args.output_npz,
+                           target_len=args.target_seq_len)
+        results = run_with_progress(tasks, args.workers, len(todo))
+        written = sorted([(row, rid) for row, rid in usable if rid in present]
+                         + [(row, rid) for row, rid, reason in results if reason is None])
+        rejected = sorted(rejected + [r for r in results if r[2] is not None])
+        labels = labels_frame(written, columns, args.subject_key, args.target_cols,
+                              args.extra_cols)
+        write_csv_atomic(args.output_csv, labels)
+        write_csv_atomic(rejected_path(args.output_csv),
+                         pd.DataFrame(rejected, columns=REJECTED_COLUMNS))
+    print(summarize(cohort.n_rows, labels, len(usable) - len(todo), rejected, args.target_cols,
+                    {"npz": args.output_npz, "labels": args.output_csv,
+                     "rejected": rejected_path(args.output_csv)}))
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_cli(main))
