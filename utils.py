@@ -1,5 +1,5 @@
 """Shared helpers: the user-facing error path, atomic file writes, seeding, the
-subject-wise split, the one metrics function and the one checkpoint reader/writer.
+subject-wise split and the one checkpoint reader/writer (metrics live in metrics.py).
 
 Every script's entry point is ``raise SystemExit(run_cli(main))``: a ``UserError``
 raised anywhere becomes one line ``error: ...`` on stderr and exit status 2.
@@ -44,6 +44,10 @@ def run_cli(main: Callable[[Optional[Sequence[str]]], None],
 
 
 # ----------------------------------------------------------------------------- atomic files
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str) -> Iterator[str]:
     """Yield a temporary path beside ``path``; rename it onto ``path`` on success.
@@ -54,6 +58,7 @@ def atomic_path(path: str) -> Iterator[str]:
     fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp",
                                dir=directory)
     os.close(fd)
+    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the usual permissions
     try:
         yield tmp
         os.replace(tmp, path)
@@ -132,46 +137,6 @@ def split_subjects(subjects: Sequence[str], val_ratio: float, test_ratio: float,
     for i, subj in enumerate(shuffled):
         split[subj] = "test" if i < n_test else ("val" if i < n_test + n_val else "train")
     return split
-
-
-# ----------------------------------------------------------------------------- metrics
-METRIC_KEYS = ("mae", "rmse", "pearson", "r2", "me", "sd")
-MEAN_KEYS = ("mae", "rmse", "pearson", "r2")
-
-
-def target_metrics(y_true: np.ndarray, y_pred: np.ndarray) -> Dict[str, float]:
-    """CONTRACT section 3 metrics of one target, e = pred - true, in the units given.
-
-    ``pearson`` is 0.0 when either side is constant; ``r2`` is 0.0 when the truth is
-    constant; ``sd`` (ddof=1) is 0.0 for a single record.
-    """
-    t = np.asarray(y_true, dtype=np.float64)
-    p = np.asarray(y_pred, dtype=np.float64)
-    e = p - t
-    sst = float(np.sum((t - t.mean()) ** 2))
-    std_t, std_p = float(t.std()), float(p.std())
-    if std_t > 0 and std_p > 0:
-        pearson = float(np.mean((t - t.mean()) * (p - p.mean())) / (std_t * std_p))
-    else:
-        pearson = 0.0
-    return {
-        "mae": float(np.mean(np.abs(e))),
-        "rmse": float(np.sqrt(np.mean(e ** 2))),
-        "pearson": pearson,
-        "r2": float(1.0 - np.sum(e ** 2) / sst) if sst > 0 else 0.0,
-        "me": float(np.mean(e)),
-        "sd": float(np.std(e, ddof=1)) if e.size > 1 else 0.0,
-    }
-
-
-def regression_metrics(y_true: np.ndarray, y_pred: np.ndarray,
-                       target_cols: Sequence[str]) -> Dict[str, dict]:
-    """``{"per_target": {col: metrics}, "mean": {mae, rmse, pearson, r2}}`` for (N, T) arrays."""
-    y_true = np.asarray(y_true, dtype=np.float64).reshape(len(y_true), len(target_cols))
-    y_pred = np.asarray(y_pred, dtype=np.float64).reshape(len(y_pred), len(target_cols))
-    per = {c: target_metrics(y_true[:, k], y_pred[:, k]) for k, c in enumerate(target_cols)}
-    mean = {m: float(np.mean([per[c][m] for c in target_cols])) for m in MEAN_KEYS}
-    return {"per_target": per, "mean": mean}
 
 
 # ----------------------------------------------------------------------------- checkpoints

@@ -1,0 +1,314 @@
+"""Draw a training run's results, for a look at a glance.
+
+    python plot_results.py runs/bp_run1 [--formats png pdf]
+
+Reads history.csv, val_predictions.csv, test_predictions.csv and final_metrics.json from
+the run folder and writes into ``<out_dir>/plots/``:
+
+- ``learning_curves.png``: losses, validation MAE per target and learning rates per epoch;
+- ``<split>_scatter.png``: predicted vs true BP per target, with the identity line;
+- ``<split>_bland_altman.png``: mean of true and predicted vs their difference per target,
+  with the mean error (ME) and the limits of agreement ME +/- 1.96 SD.
+
+Titles carry the metrics of final_metrics.json; any it lacks (a run from an older
+version) are computed from the predictions by metrics.py. train_bp.py calls ``plot_run``
+at the end of training. Figures are drawn without pyplot (Agg canvas), so no display
+and no global state are involved.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import List, Optional, Sequence, Tuple
+
+import numpy as np
+import pandas as pd
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+import metrics
+import utils
+from utils import UserError
+
+SPLITS = ("val", "test")
+FORMATS = ("png", "pdf", "svg")
+PANEL_INCHES = 4.2   # width of one panel; a scatter panel also needs room for its title
+TARGET_PANEL_HEIGHT = PANEL_INCHES + 0.5
+MAX_COLS = 3
+DPI = 130
+HISTORY_COLUMNS = ("epoch", "train_loss", "val_loss", "val_mae_mean")
+
+
+# ============================================================================= reading
+def read_csv(path: str) -> pd.DataFrame:
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: no such file")
+    try:
+        frame = pd.read_csv(path)
+    except (OSError, UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
+        raise UserError(f"{path}: not a readable CSV ({type(exc).__name__})") from None
+    if frame.empty:
+        raise UserError(f"{path}: no rows")
+    return frame
+
+
+def numeric(frame: pd.DataFrame, columns: Sequence[str], path: str) -> np.ndarray:
+    """``columns`` of ``frame`` as a float array; non-numbers are the user's error."""
+    values = frame[list(columns)].apply(pd.to_numeric, errors="coerce").to_numpy(np.float64)
+    if not np.isfinite(values).all():
+        raise UserError(f"{path}: empty, non-numeric or infinite values in {', '.join(columns)}")
+    return values
+
+
+def read_final_metrics(out_dir: str) -> dict:
+    path = os.path.join(out_dir, "final_metrics.json")
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: no such file")
+    try:
+        with open(path, encoding="utf-8") as fh:
+            report = json.load(fh)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UserError(f"{path}: not readable JSON ({type(exc).__name__})") from None
+    if not isinstance(report, dict):
+        raise UserError(f"{path}: expected a JSON object")
+    return report
+
+
+def targets_of(columns: Sequence[str]) -> List[str]:
+    """Targets named by prediction columns ``ssoid, <t>_true, <t>_pred, ...``."""
+    return [c[:-len("_true")] for c in columns[1::2] if c.endswith("_true")]
+
+
+def read_predictions(out_dir: str, split: str, target_cols: Optional[Sequence[str]]
+                     ) -> Tuple[List[str], np.ndarray, np.ndarray]:
+    """Target names, truths (N, T) and predictions (N, T) of one split's CSV."""
+    path = os.path.join(out_dir, f"{split}_predictions.csv")
+    frame = read_csv(path)
+    targets = list(target_cols) if target_cols else targets_of(list(frame.columns))
+    expected = ["ssoid"] + [f"{t}_{kind}" for t in targets for kind in ("true", "pred")]
+    if not targets or list(frame.columns) != expected:
+        raise UserError(f"{path}: columns must be exactly {', '.join(expected)}; "
+                        f"got {', '.join(map(str, frame.columns))}")
+    y_true = numeric(frame, [f"{t}_true" for t in targets], path)
+    y_pred = numeric(frame, [f"{t}_pred" for t in targets], path)
+    return targets, y_true, y_pred
+
+
+def read_history(out_dir: str) -> pd.DataFrame:
+    path = os.path.join(out_dir, "history.csv")
+    frame = read_csv(path)
+    missing = [c for c in HISTORY_COLUMNS if c not in frame.columns]
+    if missing:
+        raise UserError(f"{path}: missing column(s) {', '.join(missing)}")
+    numeric(frame, HISTORY_COLUMNS, path)
+    return frame
+
+
+# ============================================================================= titles
+def target_summary(block: dict, target: str, y_true: np.ndarray, y_pred: np.ndarray) -> dict:
+    """The run's reported metrics of one target, completed by metrics.py where absent."""
+    reported = block.get("per_target", {}).get(target, {})
+    return {**metrics.target_metrics(y_true, y_pred), **reported}
+
+
+def scatter_title(target: str, m: dict) -> str:
+    ci = m.get("mae_ci95")
+    ci_text = f" (95% CI {ci[0]:.2f}\u2013{ci[1]:.2f})" if ci else ""
+    return (f"{target}\nMAE {m['mae']:.2f} mmHg{ci_text}\n"
+            f"r {m['pearson']:.3f}   R\u00b2 {m['r2']:.3f}   IEEE 1708: {m['ieee1708_grade']}")
+
+
+def bland_altman_title(target: str, m: dict) -> str:
+    low, high = m["me"] - 1.96 * m["sd"], m["me"] + 1.96 * m["sd"]
+    within = "/".join(f"{100 * m[f'within_{k}']:.0f}" for k in metrics.WITHIN_MMHG)
+    aami = "pass" if m["aami_pass"] else "fail"
+    return (f"{target}\nME {m['me']:.2f}   SD {m['sd']:.2f}   LoA {low:.1f} to {high:.1f} mmHg\n"
+            f"within 5/10/15 mmHg: {within} %\nBHS: {m['bhs_grade']}   AAMI: {aami}")
+
+
+def split_title(split: str, block: dict, n_records: int) -> str:
+    parts = [f"{split} split: {block.get('n_records', n_records)} records"]
+    if "n_subjects" in block:
+        parts[0] += f" of {block['n_subjects']} subjects"
+    mean_mae = block.get("mean", {}).get("mae")
+    base_mae = block.get("baseline", {}).get("mean", {}).get("mae")
+    if mean_mae is not None:
+        parts.append(f"mean MAE {mean_mae:.2f} mmHg")
+    if base_mae is not None:
+        parts.append(f"train-mean predictor {base_mae:.2f} mmHg")
+    return "   \u2022   ".join(parts)
+
+
+# ============================================================================= figures
+def new_figure(n_panels: int, panel_height: float) -> Tuple[Figure, list]:
+    """A constrained-layout figure with one axes per panel in a grid; spare cells hidden."""
+    cols = min(n_panels, MAX_COLS)
+    rows = math.ceil(n_panels / cols)
+    fig = Figure(figsize=(PANEL_INCHES * cols, panel_height * rows + 0.8), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = list(fig.subplots(rows, cols, squeeze=False).ravel())
+    for ax in axes[n_panels:]:
+        ax.set_visible(False)
+    return fig, axes[:n_panels]
+
+
+def point_style(n: int) -> dict:
+    """Marker size and opacity that keep a few hundred or tens of thousands of points readable."""
+    return {"s": 10 if n <= 2000 else 3, "alpha": float(np.clip(400 / n, 0.15, 0.7)),
+            "linewidths": 0, "rasterized": True, "color": "tab:blue"}
+
+
+def figure_legend(fig: Figure, handles: list) -> None:
+    """One legend below all panels; its point marker opaque however faint the points are."""
+    ncols = len(handles) if fig.get_figwidth() >= 2 * PANEL_INCHES else 1  # fit one panel
+    legend = fig.legend(handles=handles, loc="outside lower center", ncols=ncols)
+    legend.legend_handles[0].set_alpha(1.0)
+    legend.legend_handles[0].set_sizes([20])
+
+
+def scatter_figure(targets, y_true, y_pred, summaries, title) -> Figure:
+    fig, axes = new_figure(len(targets), TARGET_PANEL_HEIGHT)
+    for k, (ax, target) in enumerate(zip(axes, targets)):
+        t, p = y_true[:, k], y_pred[:, k]
+        lo, hi = float(min(t.min(), p.min())), float(max(t.max(), p.max()))
+        pad = 0.05 * (hi - lo) or 1.0
+        lims = (lo - pad, hi + pad)
+        points = ax.scatter(t, p, label="records", **point_style(len(t)))
+        identity, = ax.plot(lims, lims, color="black", lw=1.2, label="identity (predicted = true)")
+        ax.set(xlim=lims, ylim=lims, xlabel="true (mmHg)", ylabel="predicted (mmHg)")
+        ax.set_title(scatter_title(target, summaries[target]), fontsize="medium")
+        ax.set_aspect("equal", adjustable="box")
+        ax.grid(alpha=0.3)
+    figure_legend(fig, [points, identity])
+    fig.suptitle(title)
+    return fig
+
+
+def bland_altman_figure(targets, y_true, y_pred, summaries, title) -> Figure:
+    fig, axes = new_figure(len(targets), TARGET_PANEL_HEIGHT)
+    for k, (ax, target) in enumerate(zip(axes, targets)):
+        t, p = y_true[:, k], y_pred[:, k]
+        m = summaries[target]
+        points = ax.scatter((t + p) / 2, p - t, label="records", **point_style(len(t)))
+        zero = ax.axhline(0.0, color="grey", lw=0.8, ls=":", label="zero error")
+        me = ax.axhline(m["me"], color="tab:red", lw=1.5, label="mean error (ME)")
+        for sign in (-1, 1):
+            loa = ax.axhline(m["me"] + sign * 1.96 * m["sd"], color="tab:red", lw=1.2, ls="--",
+                             label="ME \u00b1 1.96 SD (limits of agreement)")
+        ax.set(xlabel="mean of true and predicted (mmHg)", ylabel="predicted \u2212 true (mmHg)")
+        ax.set_title(bland_altman_title(target, m), fontsize="medium")
+        ax.grid(alpha=0.3)
+    figure_legend(fig, [points, me, loa, zero])
+    fig.suptitle(title)
+    return fig
+
+
+def learning_curves_figure(history: pd.DataFrame, targets: Sequence[str],
+                           best_epoch: Optional[int], title: str) -> Figure:
+    fig, (loss_ax, mae_ax, lr_ax) = new_figure(3, PANEL_INCHES * 0.8)
+    epoch = history["epoch"].to_numpy()
+    style = {"marker": "o", "ms": 3}
+    loss_ax.plot(epoch, history["train_loss"], label="train", **style)
+    loss_ax.plot(epoch, history["val_loss"], label="validation", **style)
+    loss_ax.set(ylabel="loss (normalised targets)", title="loss")
+    mae_ax.plot(epoch, history["val_mae_mean"], color="black", lw=2.2, label="mean of targets",
+                **style)
+    for target in targets:
+        if f"val_mae_{target}" in history:
+            mae_ax.plot(epoch, history[f"val_mae_{target}"], lw=1, label=target, **style)
+    mae_ax.set(ylabel="validation MAE (mmHg)", title="validation MAE")
+    plot_learning_rates(lr_ax, history, style)
+    for ax in (loss_ax, mae_ax, lr_ax):
+        if best_epoch in set(epoch.tolist()):
+            ax.axvline(best_epoch, color="grey", ls="--", lw=1, label=f"best epoch ({best_epoch})")
+        ax.set(xlabel="epoch", xlim=(epoch.min() - 0.5, epoch.max() + 0.5))  # also for 1 epoch
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
+        ax.grid(alpha=0.3)
+        # below the axes, so no legend ever covers a curve
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), ncols=2, fontsize="small")
+    fig.suptitle(title)
+    return fig
+
+
+def plot_learning_rates(ax, history: pd.DataFrame, style: dict) -> None:
+    """Learning rates at the end of each epoch; log scale when every plotted one is > 0."""
+    plotted = []
+    for col, label in (("lr_backbone", "encoders"), ("lr_head", "head")):
+        if col in history:
+            values = pd.to_numeric(history[col], errors="coerce").to_numpy(np.float64)
+            ax.plot(history["epoch"], values, label=label, **style)
+            plotted.append(values)
+    if plotted and all((v > 0).all() for v in plotted):
+        ax.set_yscale("log")
+    ax.set(ylabel="learning rate", title="learning rates")
+
+
+# ============================================================================= writing
+def save(fig: Figure, plot_dir: str, name: str, formats: Sequence[str]) -> List[str]:
+    paths = []
+    for fmt in formats:
+        path = os.path.join(plot_dir, f"{name}.{fmt}")
+        with utils.atomic_path(path) as tmp:
+            fig.savefig(tmp, format=fmt, dpi=DPI)
+        paths.append(path)
+    return paths
+
+
+def run_title(out_dir: str, report: dict, n_epochs: int) -> str:
+    name = os.path.basename(os.path.normpath(out_dir))
+    title = f"{name}: {n_epochs} epoch" + "s" * (n_epochs != 1)
+    best, best_mae = report.get("best_epoch"), report.get("val", {}).get("mean", {}).get("mae")
+    if best is not None and best_mae is not None:
+        title += f", best epoch {best} (validation MAE {best_mae:.2f} mmHg)"
+    return title
+
+
+def plot_run(out_dir: str, formats: Sequence[str] = ("png",)) -> List[str]:
+    """Write every plot of the run in ``out_dir`` into ``out_dir/plots``; returns the paths.
+
+    Every input is read and checked before anything is drawn, so bad input writes nothing.
+    """
+    report = read_final_metrics(out_dir)
+    history = read_history(out_dir)
+    targets, splits = report.get("target_cols"), {}
+    for split in SPLITS:
+        targets, y_true, y_pred = read_predictions(out_dir, split, targets)
+        splits[split] = (y_true, y_pred)
+    plot_dir = os.path.join(out_dir, "plots")
+    os.makedirs(plot_dir, exist_ok=True)
+    paths = save(learning_curves_figure(history, targets, report.get("best_epoch"),
+                                        run_title(out_dir, report, len(history))),
+                 plot_dir, "learning_curves", formats)
+    for split, (y_true, y_pred) in splits.items():
+        block = report.get(split, {})
+        summaries = {t: target_summary(block, t, y_true[:, k], y_pred[:, k])
+                     for k, t in enumerate(targets)}
+        title = split_title(split, block, len(y_true))
+        paths += save(scatter_figure(targets, y_true, y_pred, summaries, title), plot_dir,
+                      f"{split}_scatter", formats)
+        paths += save(bland_altman_figure(targets, y_true, y_pred, summaries, title), plot_dir,
+                      f"{split}_bland_altman", formats)
+    return paths
+
+
+# ============================================================================= CLI
+def get_args_parser() -> utils.ArgumentParser:
+    p = utils.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("out_dir", help="a train_bp.py --out_dir")
+    p.add_argument("--formats", nargs="+", default=["png"], choices=FORMATS,
+                   help="file formats to write (pdf/svg scale for papers; png for a quick look)")
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    args = get_args_parser().parse_args(argv)
+    if not os.path.isdir(args.out_dir):
+        raise UserError(f"{args.out_dir}: no such directory")
+    for path in plot_run(args.out_dir, args.formats):
+        print(path)
+
+
+if __name__ == "__main__":
+    raise SystemExit(utils.run_cli(main))
