@@ -1,0 +1,236 @@
+"""End-to-end tests of train_bp.py on a small synthetic cohort: the CONTRACT files,
+metrics recomputed from the CSVs, the subject split, determinism, kill-and-resume,
+and the one-line errors for bad input."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import make_synthetic_cohort
+import prepare_kailuan_npz
+import train_bp
+from conftest import ROOT
+
+TARGETS = ["right_arm_sbp", "right_arm_dbp", "left_arm_mbp"]
+SEQ_LEN = 400
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory):
+    base = tmp_path_factory.mktemp("cohort")
+    h5 = str(base / "cohort.h5")
+    make_synthetic_cohort.make_cohort(h5, n_subjects=20, records_per_subject=3, seed=3)
+    npz, labels = str(base / "npz"), str(base / "labels.csv")
+    prepare_kailuan_npz.main(["--h5_path", h5, "--id_key", "new_id", "--target_cols", *TARGETS,
+                              "--output_npz", npz, "--output_csv", labels,
+                              "--target_seq_len", str(SEQ_LEN), "--workers", "1"])
+    return {"npz": npz, "labels": labels, "base": base}
+
+
+def train_argv(cohort, out_dir, *extra):
+    return ["--npz_dir", cohort["npz"], "--labels_csv", cohort["labels"], "--out_dir", str(out_dir),
+            "--target_cols", *TARGETS, "--arch", "tiny", "--epochs", "3", "--batch_size", "8",
+            "--lr_backbone", "1e-3", "--lr_head", "1e-3", "--num_workers", "0",
+            "--val_ratio", "0.2", "--test_ratio", "0.2", "--seed", "7", *extra]
+
+
+@pytest.fixture(scope="module")
+def run(cohort, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "out"
+    train_bp.main(train_argv(cohort, out))
+    return str(out)
+
+
+def _metrics_from_csv(path):
+    """Independent recomputation of the CONTRACT metrics from a predictions CSV."""
+    frame = pd.read_csv(path)
+    out = {}
+    for t in TARGETS:
+        y, p = frame[f"{t}_true"].to_numpy(), frame[f"{t}_pred"].to_numpy()
+        e = p - y
+        out[t] = {"mae": np.abs(e).mean(), "rmse": np.sqrt((e ** 2).mean()), "me": e.mean(),
+                  "sd": e.std(ddof=1), "pearson": np.corrcoef(y, p)[0, 1],
+                  "r2": 1 - (e ** 2).sum() / ((y - y.mean()) ** 2).sum()}
+    return out, len(frame)
+
+
+def test_every_contract_file_has_its_columns_and_keys(run):
+    for name in ("bp_best.pth", "bp_last.pth", "args.json", "split.csv", "history.csv",
+                 "val_predictions.csv", "test_predictions.csv", "final_metrics.json",
+                 "skipped_records.csv"):
+        assert os.path.isfile(os.path.join(run, name)), name
+    assert list(pd.read_csv(os.path.join(run, "split.csv")).columns) == ["ssoid", "subject_id", "split"]
+    history = pd.read_csv(os.path.join(run, "history.csv"))
+    expected = (["epoch", "train_loss", "val_loss", "val_mae_mean"]
+                + [f"val_mae_{t}" for t in TARGETS] + ["lr_backbone", "lr_head", "seconds"])
+    assert list(history.columns[:len(expected)]) == expected
+    assert history["epoch"].tolist() == [1, 2, 3]
+    pred_cols = ["ssoid"] + [f"{t}_{k}" for t in TARGETS for k in ("true", "pred")]
+    for split in ("val", "test"):
+        assert list(pd.read_csv(os.path.join(run, f"{split}_predictions.csv")).columns) == pred_cols
+    metrics = json.load(open(os.path.join(run, "final_metrics.json")))
+    assert metrics["target_cols"] == TARGETS and 1 <= metrics["best_epoch"] <= 3
+    for split in ("val", "test"):
+        block = metrics[split]
+        assert {"loss", "n_records", "n_subjects", "per_target", "mean"} <= set(block)
+        assert set(block["per_target"]) == set(TARGETS)
+        assert {"mae", "rmse", "pearson", "r2", "me", "sd"} <= set(block["per_target"][TARGETS[0]])
+        assert {"mae", "rmse", "pearson", "r2"} <= set(block["mean"])
+    args = json.load(open(os.path.join(run, "args.json")))
+    assert args["target_cols"] == TARGETS and args["arch"] == "tiny"
+
+
+def test_best_checkpoint_loads_weights_only_and_has_contract_keys(run):
+    ckpt = torch.load(os.path.join(run, "bp_best.pth"), weights_only=True)
+    for key in ("model", "epoch", "target_cols", "modality", "arch", "fusion", "target_mean",
+                "target_std", "y_min", "y_max", "constrain", "args"):
+        assert key in ckpt, key
+    assert ckpt["target_cols"] == TARGETS and len(ckpt["target_mean"]) == 3
+    history = pd.read_csv(os.path.join(run, "history.csv"))
+    assert ckpt["epoch"] == int(history.loc[history["val_mae_mean"].idxmin(), "epoch"])
+    assert ckpt["y_min"][0] < ckpt["target_mean"][0] < ckpt["y_max"][0]
+
+
+def test_final_metrics_equal_recomputation_from_prediction_csvs(run):
+    metrics = json.load(open(os.path.join(run, "final_metrics.json")))
+    split = pd.read_csv(os.path.join(run, "split.csv"), dtype=str)
+    for name in ("val", "test"):
+        recomputed, n = _metrics_from_csv(os.path.join(run, f"{name}_predictions.csv"))
+        block = metrics[name]
+        assert block["n_records"] == n == int((split["split"] == name).sum())
+        assert block["n_subjects"] == split.loc[split["split"] == name, "subject_id"].nunique()
+        for t in TARGETS:
+            for k, v in recomputed[t].items():
+                assert block["per_target"][t][k] == pytest.approx(v, rel=1e-9, abs=1e-9), (name, t, k)
+        assert block["mean"]["mae"] == pytest.approx(np.mean([recomputed[t]["mae"] for t in TARGETS]))
+
+
+def test_split_is_subject_wise_and_covers_every_used_row(run, cohort):
+    split = pd.read_csv(os.path.join(run, "split.csv"), dtype=str)
+    assert split["ssoid"].is_unique
+    assert (split.groupby("subject_id")["split"].nunique() == 1).all()
+    assert split["subject_id"].tolist() == [s.split("_")[0] for s in split["ssoid"]]
+    labels = pd.read_csv(cohort["labels"], dtype={"ssoid": str})
+    assert len(split) == labels[TARGETS].notna().all(axis=1).sum()
+    val_ids = set(pd.read_csv(os.path.join(run, "val_predictions.csv"), dtype={"ssoid": str})["ssoid"])
+    assert val_ids == set(split.loc[split["split"] == "val", "ssoid"])
+
+
+def test_same_seed_gives_same_split_and_metrics(run, cohort, tmp_path):
+    again = tmp_path / "again"
+    train_bp.main(train_argv(cohort, again))
+    for name in ("split.csv", "test_predictions.csv"):
+        assert open(os.path.join(run, name)).read() == open(again / name).read(), name
+    a = json.load(open(os.path.join(run, "final_metrics.json")))
+    b = json.load(open(again / "final_metrics.json"))
+    assert a == b
+
+
+def test_kill_and_resume_ends_with_the_same_metrics(cohort, tmp_path):
+    straight = tmp_path / "straight"
+    train_bp.main(train_argv(cohort, straight, "--epochs", "4"))
+    killed = tmp_path / "killed"
+    argv = [sys.executable, os.path.join(ROOT, "train_bp.py"),
+            *train_argv(cohort, killed, "--epochs", "4")]
+    proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    history = killed / "history.csv"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if history.exists() and len(pd.read_csv(history)) >= 2:
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    done = len(pd.read_csv(history))
+    assert 2 <= done < 4
+    train_bp.main(train_argv(cohort, killed, "--epochs", "4", "--resume"))
+    assert len(pd.read_csv(history)) == 4
+    a = json.load(open(straight / "final_metrics.json"))
+    b = json.load(open(killed / "final_metrics.json"))
+    assert a == b
+    assert open(straight / "test_predictions.csv").read() == open(killed / "test_predictions.csv").read()
+
+
+def _cli(argv):
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "train_bp.py"), *argv],
+                            cwd=ROOT, capture_output=True, text=True)
+    return result.returncode, result.stderr
+
+
+def _error_line(stderr):
+    """The one ``error:`` line, last on stderr (progress bars may stand before it)."""
+    lines = [ln for ln in stderr.splitlines() if ln.strip()]
+    errors = [ln for ln in lines if ln.startswith("error: ")]
+    assert len(errors) == 1 and lines[-1] == errors[0], stderr
+    assert "Traceback" not in stderr
+    return errors[0]
+
+
+def _labels_subset(cohort, tmp_path, keep):
+    labels = pd.read_csv(cohort["labels"], dtype={"ssoid": str})
+    path = tmp_path / "subset.csv"
+    keep(labels).to_csv(path, index=False)
+    return str(path)
+
+
+def _garbage(tmp_path, name, data=b"\x00\xff\x00 not what it claims"):
+    path = tmp_path / name
+    path.write_bytes(data)
+    return str(path)
+
+
+BAD_INPUTS = {
+    "missing target": (lambda c, t: {"--target_cols": ["right_arm_sbp", "no_such_col"]},
+                       "has no column no_such_col"),
+    "ratio outside [0,1)": (lambda c, t: {"--val_ratio": ["1.5"]}, "--val_ratio must be in [0, 1)"),
+    "ratios sum to 1": (lambda c, t: {"--val_ratio": ["0.5"], "--test_ratio": ["0.5"]},
+                        "must be below 1"),
+    "too few subjects": (lambda c, t: {"--labels_csv": [_labels_subset(
+        c, t, lambda f: f[f["ssoid"].str.split("_").str[0].isin(f["ssoid"].str.split("_").str[0].unique()[:2])])]},
+        "too few subjects (2)"),
+    "no overlap": (lambda c, t: {"--labels_csv": [_labels_subset(
+        c, t, lambda f: f.assign(ssoid="zz" + f["ssoid"]))]}, "no usable rows"),
+    "missing CSV": (lambda c, t: {"--labels_csv": ["/nonexistent/labels.csv"]},
+                    "labels CSV /nonexistent/labels.csv: no such file"),
+    "unreadable CSV": (lambda c, t: {"--labels_csv": [_garbage(t, "bad.csv")]}, "bad.csv"),
+    "pretrain not a checkpoint": (lambda c, t: {"--pretrain": [_garbage(t, "w.pth")]},
+                                  "is not a readable PyTorch checkpoint"),
+    "no cuda": (lambda c, t: {"--device": ["cuda"]}, "--device cuda"),
+    "zero epochs": (lambda c, t: {"--epochs": ["0"]}, "--epochs must be at least 1"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_bad_input_is_one_line_error_with_status_2(cohort, tmp_path, case):
+    make_change, needle = BAD_INPUTS[case]
+    if case == "no cuda" and torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    argv = train_argv(cohort, tmp_path / "out")
+    for flag, values in make_change(cohort, tmp_path).items():
+        if flag in argv:
+            i = argv.index(flag)
+            j = i + 1
+            while j < len(argv) and not argv[j].startswith("--"):
+                j += 1
+            argv[i + 1:j] = values
+        else:
+            argv += [flag, *values]
+    code, err = _cli(argv)
+    assert code == 2
+    assert needle in _error_line(err)
+    assert not (tmp_path / "out" / "bp_best.pth").exists()
+
+
+def test_non_empty_out_dir_of_another_run_is_not_overwritten(run, cohort):
+    before = open(os.path.join(run, "final_metrics.json")).read()
+    code, err = _cli(train_argv(cohort, run))
+    assert code == 2 and "is not empty" in _error_line(err) and "--resume" in err
+    assert open(os.path.join(run, "final_metrics.json")).read() == before

@@ -1,0 +1,464 @@
+"""Fine-tune ECG/PPG encoders to predict several blood-pressure targets at once.
+
+    python train_bp.py --npz_dir data/npz --labels_csv data/labels.csv \
+        --pretrain 1_lead_ECGFounder.pth --out_dir runs/bp_run1 \
+        --target_cols right_arm_dbp left_arm_mbp right_arm_pp right_arm_sbp left_arm_sbp \
+        --modality both --epochs 40 --batch_size 256 --lr_backbone 1e-5 --lr_head 3e-4
+
+Splits subjects (not records) into train/val/test, trains with AMP on CUDA, keeps the
+epoch with the lowest mean validation MAE, and writes the files of CONTRACT section 3
+into --out_dir: bp_best.pth, bp_last.pth, args.json, split.csv, history.csv,
+skipped_records.csv, val/test_predictions.csv and final_metrics.json.
+A killed run continues with the same command plus --resume.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import subprocess
+import time
+from dataclasses import asdict
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+import backbones
+import dataset
+import engine
+import losses
+import metrics
+import plot_results
+import utils
+from utils import UserError
+
+CONSTRAINS = ("none", "clip", "sigmoid", "tanh")
+# Flags that may change between a killed run and its --resume; every other must match.
+RESUMABLE_CHANGES = {"resume", "overwrite", "num_workers", "device", "cache_dir",
+                     "trust_checkpoint"}
+
+
+# ============================================================================= arguments
+def get_args_parser() -> utils.ArgumentParser:
+    p = utils.ArgumentParser(description=__doc__.split("\n\n")[0],
+                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    data = p.add_argument_group("data")
+    data.add_argument("--npz_dir", required=True, help="folder of <ssoid>.npz from prepare_kailuan_npz.py")
+    data.add_argument("--labels_csv", required=True, help="CSV with ssoid (+ subject_id) and the targets")
+    data.add_argument("--out_dir", required=True, help="where every output file is written")
+    data.add_argument("--target_cols", nargs="+", required=True,
+                      help="BP columns to predict; their order is the output order")
+    data.add_argument("--val_ratio", type=float, default=0.1, help="fraction of subjects for validation")
+    data.add_argument("--test_ratio", type=float, default=0.2, help="fraction of subjects for test")
+    data.add_argument("--seed", type=int, default=666, help="seed of the split, the init and the shuffling")
+    data.add_argument("--no_zscore", action="store_true",
+                      help="feed raw signals instead of per-record, per-channel z-scored ones")
+    data.add_argument("--cache_dir", default=None,
+                      help="pack the checked records into one float32 memory-mapped file here: "
+                           "much faster epochs, costs N*L*2*4 bytes of disk")
+    data.add_argument("--num_workers", type=int, default=min(4, os.cpu_count() or 1),
+                      help="DataLoader worker processes")
+    model = p.add_argument_group("model")
+    model.add_argument("--arch", default="ecgfounder", choices=sorted(backbones.ARCHS),
+                       help="Net1D size; ecgfounder is the published one that --pretrain loads into")
+    model.add_argument("--modality", default="both", choices=("ecg", "ppg", "both"))
+    model.add_argument("--fusion", default=backbones.DEFAULT_FUSION, choices=("late", "mid", "early"),
+                       help="how ECG and PPG meet with --modality both: late pools each encoder "
+                            "(loses pulse-arrival timing), mid fuses time-resolved feature maps, "
+                            "early reads both channels with one encoder")
+    model.add_argument("--pretrain", default=None, help="1_lead_ECGFounder.pth or a bp_best.pth")
+    model.add_argument("--trust_checkpoint", action="store_true",
+                       help="allow full unpickling of --pretrain (only for a file you trust)")
+    model.add_argument("--freeze_backbone", action="store_true", help="train the head only (linear probe)")
+    model.add_argument("--constrain", default="none", choices=CONSTRAINS,
+                       help="bound every prediction to [train min - y_margin, train max + y_margin]")
+    model.add_argument("--y_margin", type=float, default=5.0, help="mmHg added to the train range for --constrain")
+    model.add_argument("--head_hidden", type=int, default=256, help="width of the MLP head")
+    model.add_argument("--dropout", type=float, default=0.1, help="dropout in the head")
+    optim = p.add_argument_group("optimisation")
+    optim.add_argument("--epochs", type=int, default=40)
+    optim.add_argument("--batch_size", type=int, default=256)
+    optim.add_argument("--lr_backbone", type=float, default=1e-5, help="AdamW lr of the encoders")
+    optim.add_argument("--lr_head", type=float, default=3e-4, help="AdamW lr of everything else")
+    optim.add_argument("--weight_decay", type=float, default=0.01,
+                       help="AdamW weight decay (never on biases and normalisation weights)")
+    optim.add_argument("--warmup_epochs", type=float, default=1.0,
+                       help="linear warm-up before the cosine decay, in epochs")
+    optim.add_argument("--loss", default="huber", choices=losses.LOSSES,
+                       help="loss on normalised targets (each target weighs the same)")
+    optim.add_argument("--huber_delta", type=float, default=1.0, help="huber transition, in target SDs")
+    optim.add_argument("--alpha", type=float, default=1.0, help="mae_pearson: weight of 1 - r")
+    optim.add_argument("--beta", type=float, default=1.0, help="mae_pearson: weight of MAE")
+    optim.add_argument("--grad_clip", type=float, default=1.0, help="max gradient norm; 0 turns it off")
+    optim.add_argument("--patience", type=int, default=10,
+                       help="stop after this many epochs without a better val MAE; 0 never stops")
+    run = p.add_argument_group("run")
+    run.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    run.add_argument("--amp", default="auto", choices=("auto", "bf16", "fp16", "off"),
+                     help="mixed precision on CUDA: auto = bf16 where supported, else fp16")
+    run.add_argument("--resume", action="store_true",
+                     help="continue the run in --out_dir from its bp_last.pth")
+    run.add_argument("--overwrite", action="store_true",
+                     help="write into an --out_dir that already holds another run")
+    return p
+
+
+def parse_args(argv: Optional[Sequence[str]]):
+    args = get_args_parser().parse_args(argv)
+    checks = [
+        (args.epochs >= 1, "--epochs must be at least 1"),
+        (args.batch_size >= 1, "--batch_size must be at least 1"),
+        (args.num_workers >= 0, "--num_workers must be 0 or more"),
+        (args.lr_backbone >= 0 and args.lr_head > 0, "--lr_head must be > 0 and --lr_backbone >= 0"),
+        (args.weight_decay >= 0, "--weight_decay must be 0 or more"),
+        (args.grad_clip >= 0, "--grad_clip must be 0 or more"),
+        (args.patience >= 0, "--patience must be 0 or more"),
+        (args.y_margin >= 0, "--y_margin must be 0 or more"),
+        (0 <= args.dropout < 1, "--dropout must be in [0, 1)"),
+        (args.warmup_epochs >= 0, "--warmup_epochs must be 0 or more"),
+        (len(set(args.target_cols)) == len(args.target_cols), "--target_cols names a column twice"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise UserError(message)
+    if args.modality != "both":
+        args.fusion = "none"
+    return args
+
+
+# ============================================================================= out_dir
+def check_out_dir(args) -> None:
+    """Refuse to write over another run unless asked; with --resume require bp_last.pth.
+
+    Nothing is created here: the folder appears only once every input has been checked.
+    """
+    out = args.out_dir
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise UserError(f"--out_dir {out} exists and is not a directory")
+    if args.resume:
+        if not os.path.isfile(os.path.join(out, "bp_last.pth")):
+            raise UserError(f"--resume: {out} holds no bp_last.pth to continue from")
+    elif os.path.isdir(out) and os.listdir(out) and not args.overwrite:
+        raise UserError(f"--out_dir {out} is not empty; add --resume to continue that run, "
+                        f"--overwrite to replace it, or choose a new --out_dir")
+
+
+def check_resume_args(args, saved: dict) -> None:
+    for key, value in vars(args).items():
+        if key in RESUMABLE_CHANGES or key not in saved:
+            continue
+        if saved[key] != value:
+            raise UserError(f"--resume: --{key} is {value!r} but the run in {args.out_dir} "
+                            f"used {saved[key]!r}; resume with the same settings")
+
+
+# ============================================================================= data
+def load_table(args) -> pd.DataFrame:
+    """Usable label rows with their subject and split (CONTRACT section 3)."""
+    labels = dataset.read_labels(args.labels_csv, args.target_cols)
+    rows, dropped = dataset.usable_rows(labels, args.npz_dir, args.target_cols)
+    print(f"labels: {len(labels)} rows, {len(rows)} usable"
+          + "".join(f"; dropped {n} ({why})" for why, n in dropped.items()))
+    if "subject_id" in rows.columns:
+        if rows["subject_id"].isna().any():
+            raise UserError(f"labels CSV {args.labels_csv}: {int(rows['subject_id'].isna().sum())} "
+                            f"usable rows have an empty subject_id")
+        rows["subject_id"] = rows["subject_id"].astype(str)
+    else:
+        rows["subject_id"] = rows["ssoid"].map(utils.subject_of)
+    return rows
+
+
+def check_files(args, rows: pd.DataFrame) -> Tuple[pd.DataFrame, int, pd.DataFrame]:
+    """Rows whose npz passed the check, the common length, and the skipped table."""
+    good, length, skipped = dataset.check_records(list(rows["ssoid"]), args.npz_dir,
+                                                  workers=max(1, args.num_workers))
+    if len(skipped):
+        print(f"npz check: skipping {len(skipped)} bad records (listed in skipped_records.csv)")
+    if not good:
+        raise UserError(f"--npz_dir {args.npz_dir}: none of the {len(rows)} listed npz files "
+                        f"is usable (first problem: {skipped['ssoid'].iloc[0]}: "
+                        f"{skipped['reason'].iloc[0]})")
+    return rows[rows["ssoid"].isin(set(good))].reset_index(drop=True), length, skipped
+
+
+def assign_split(args, rows: pd.DataFrame) -> pd.DataFrame:
+    split = utils.split_subjects(rows["subject_id"], args.val_ratio, args.test_ratio, args.seed)
+    rows = rows.assign(split=rows["subject_id"].map(split))
+    counts = {s: (int((rows["split"] == s).sum()),
+                  rows.loc[rows["split"] == s, "subject_id"].nunique())
+              for s in ("train", "val", "test")}
+    print("split: " + ", ".join(f"{s} {n} records / {k} subjects" for s, (n, k) in counts.items()))
+    return rows
+
+
+def write_run_files(args, rows: pd.DataFrame, skipped: pd.DataFrame) -> None:
+    """The files known before training: args.json, split.csv, skipped_records.csv."""
+    os.makedirs(args.out_dir, exist_ok=True)
+    utils.write_json_atomic(os.path.join(args.out_dir, "args.json"), vars(args))
+    utils.write_csv_atomic(os.path.join(args.out_dir, "split.csv"),
+                           rows[["ssoid", "subject_id", "split"]])
+    utils.write_csv_atomic(os.path.join(args.out_dir, "skipped_records.csv"), skipped)
+
+
+def target_stats(train: pd.DataFrame, target_cols: Sequence[str], margin: float) -> Dict[str, list]:
+    y = train[list(target_cols)].to_numpy(np.float64)
+    std = y.std(axis=0)
+    return {"target_mean": y.mean(axis=0).tolist(),
+            "target_std": np.where(std > 0, std, 1.0).tolist(),
+            "y_min": (y.min(axis=0) - margin).tolist(),
+            "y_max": (y.max(axis=0) + margin).tolist()}
+
+
+def make_loader(args, rows: pd.DataFrame, stats: dict, cache, index: np.ndarray,
+                device: torch.device, train: bool, generator=None) -> DataLoader:
+    y = (rows[args.target_cols].to_numpy(np.float64) - stats["target_mean"]) / stats["target_std"]
+    ds = dataset.BPDataset(list(rows["ssoid"]), args.npz_dir, y,
+                           backbones.MODALITY_CHANNELS[args.modality],
+                           normalize=not args.no_zscore,
+                           cache=None if cache is None else _SubsetView(cache, index))
+    return DataLoader(ds, batch_size=args.batch_size, shuffle=train, generator=generator,
+                      drop_last=train and len(ds) > args.batch_size,
+                      num_workers=args.num_workers, persistent_workers=args.num_workers > 0,
+                      pin_memory=device.type == "cuda")
+
+
+class _SubsetView:
+    """Rows ``index`` of a memory-mapped cache, read lazily (keeps workers' memory small)."""
+
+    def __init__(self, cache: np.ndarray, index: np.ndarray):
+        self.cache, self.index = cache, index
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        return self.cache[self.index[i]]
+
+
+# ============================================================================= model
+def build_model(args, stats: dict, pretrain: Optional[str]) -> backbones.BPModel:
+    cfg = backbones.BPModelConfig(arch=args.arch, modality=args.modality, fusion=args.fusion,
+                                  n_targets=len(args.target_cols), constrain=args.constrain,
+                                  head_hidden=args.head_hidden, dropout=args.dropout)
+    model = backbones.build_bp_model(cfg)
+    mean, std = np.array(stats["target_mean"]), np.array(stats["target_std"])
+    model.set_bounds((np.array(stats["y_min"]) - mean) / std, (np.array(stats["y_max"]) - mean) / std)
+    if pretrain:
+        backbones.load_pretrained(model, pretrain, trust=args.trust_checkpoint,
+                                  target_cols=args.target_cols)
+    else:
+        print("warning: no --pretrain given: the encoders start from random weights")
+    if args.freeze_backbone:
+        model.freeze_backbone()
+    return model
+
+
+def build_optimizer(args, model, steps_per_epoch: int):
+    groups = backbones.param_groups(model, args.lr_backbone, args.lr_head, args.weight_decay)
+    optimizer = torch.optim.AdamW(groups)
+    total = max(1, args.epochs * steps_per_epoch)
+    warmup = int(round(args.warmup_epochs * steps_per_epoch))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+# ============================================================================= checkpoints
+def checkpoint_payload(args, model, stats: dict, epoch: int, seq_len: int) -> dict:
+    return {"model": model.state_dict(), "model_config": asdict(model.config), "epoch": epoch,
+            "target_cols": list(args.target_cols), "modality": args.modality, "arch": args.arch,
+            "fusion": args.fusion, "constrain": args.constrain, "zscore": not args.no_zscore,
+            "seq_len": seq_len, **stats, "args": vars(args)}
+
+
+def training_state(optimizer, scheduler, scaler, history: List[dict], best: dict) -> dict:
+    return {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict(), "history": history, "best": best,
+            "torch_rng": torch.get_rng_state()}
+
+
+# ============================================================================= reporting
+def history_row(epoch: int, train: dict, val: dict, val_metrics: dict, target_cols, optimizer,
+                seconds: float) -> dict:
+    lrs = {g.get("name", "head"): g["lr"] for g in optimizer.param_groups}
+    row = {"epoch": epoch, "train_loss": train["loss"], "val_loss": val["loss"],
+           "val_mae_mean": val_metrics["mean"]["mae"]}
+    row.update({f"val_mae_{c}": val_metrics["per_target"][c]["mae"] for c in target_cols})
+    row.update({"lr_backbone": lrs.get("backbone", lrs.get("backbone_no_decay", 0.0)),
+                "lr_head": lrs.get("head", lrs.get("head_no_decay", 0.0)), "seconds": seconds,
+                "train_records_per_s": train["records_per_s"],
+                "skipped_steps": train["skipped_steps"]})
+    return row
+
+
+def split_report(result: dict, part: pd.DataFrame, target_cols: Sequence[str],
+                 stats: dict) -> dict:
+    """The ``val``/``test`` block of final_metrics.json (model, train-mean baseline, CIs)."""
+    subjects = part.set_index("ssoid").loc[result["ids"], "subject_id"].to_numpy()
+    return {"loss": result["loss"],
+            **metrics.split_metrics(result["y_true"], result["y_pred"], subjects, target_cols,
+                                    stats["target_mean"])}
+
+
+def epoch_line(epoch: int, epochs: int, row: dict, target_cols, best: bool) -> str:
+    maes = " ".join(f"{c} {row[f'val_mae_{c}']:.2f}" for c in target_cols)
+    return (f"epoch {epoch}/{epochs}  train_loss {row['train_loss']:.4f}  "
+            f"val_loss {row['val_loss']:.4f}  val MAE mean {row['val_mae_mean']:.2f} "
+            f"[{maes}]  {row['train_records_per_s']:.0f} rec/s  {row['seconds']:.0f} s"
+            + ("  *best*" if best else ""))
+
+
+def print_test_table(block: dict, target_cols: Sequence[str]) -> None:
+    print("\ntest metrics (mmHg) beside the train-mean predictor:")
+    print(f"{'target':<16}{'MAE':>8}{'RMSE':>8}{'ME':>8}{'SD':>8}{'r':>7}{'R2':>7}"
+          f"{'mean-MAE':>10}")
+    for c in target_cols:
+        m, b = block["per_target"][c], block["baseline"]["per_target"][c]
+        print(f"{c:<16}{m['mae']:8.2f}{m['rmse']:8.2f}{m['me']:8.2f}{m['sd']:8.2f}"
+              f"{m['pearson']:7.3f}{m['r2']:7.3f}{b['mae']:10.2f}")
+    m, b = block["mean"], block["baseline"]["mean"]
+    print(f"{'mean':<16}{m['mae']:8.2f}{m['rmse']:8.2f}{'':>8}{'':>8}{m['pearson']:7.3f}"
+          f"{m['r2']:7.3f}{b['mae']:10.2f}")
+
+
+def git_revision() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                             text=True, cwd=os.path.dirname(os.path.abspath(__file__)),
+                             timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return out.stdout.strip() or "unknown"
+
+
+# ============================================================================= phases
+def load_data(args):
+    """Checked rows with their split, the common record length, the skipped table, stats."""
+    rows = load_table(args)
+    rows, seq_len, skipped = check_files(args, rows)
+    rows = assign_split(args, rows)
+    stats = target_stats(rows[rows["split"] == "train"], args.target_cols, args.y_margin)
+    return rows, seq_len, skipped, stats
+
+
+def make_loaders(args, rows: pd.DataFrame, stats: dict, seq_len: int, device: torch.device,
+                 shuffle: torch.Generator) -> Dict[str, DataLoader]:
+    cache = None
+    if args.cache_dir:
+        cache = dataset.open_cache(args.cache_dir, [dataset.npz_path(args.npz_dir, s)
+                                                    for s in rows["ssoid"]], seq_len)
+    return {s: make_loader(args, rows[rows["split"] == s].reset_index(drop=True), stats, cache,
+                           np.flatnonzero(rows["split"] == s), device, train=(s == "train"),
+                           generator=shuffle if s == "train" else None)
+            for s in ("train", "val", "test")}
+
+
+def restore(saved: dict, model, optimizer, scheduler, scaler) -> Tuple[List[dict], dict]:
+    """Put a killed run's state back; returns its history and best-epoch record."""
+    model.load_state_dict(saved["model"])
+    optimizer.load_state_dict(saved["optimizer"])
+    scheduler.load_state_dict(saved["scheduler"])
+    scaler.load_state_dict(saved["scaler"])
+    torch.set_rng_state(saved["torch_rng"])
+    print(f"resuming after epoch {saved['epoch']} (best so far: epoch {saved['best']['epoch']})")
+    return list(saved["history"]), dict(saved["best"])
+
+
+def final_report(args, model, loaders, loss_fn, device, amp_dtype, rows: pd.DataFrame,
+                 stats: dict) -> dict:
+    """Evaluate the best checkpoint on val and test; write the predictions and metrics."""
+    best_ckpt = utils.load_checkpoint(os.path.join(args.out_dir, "bp_best.pth"))
+    model.load_state_dict(best_ckpt["model"])
+    report = {"target_cols": list(args.target_cols), "best_epoch": int(best_ckpt["epoch"])}
+    for split in ("val", "test"):
+        result = engine.evaluate(model, loaders[split], loss_fn, device, amp_dtype,
+                                 stats["target_mean"], stats["target_std"], desc=split)
+        engine.write_predictions(os.path.join(args.out_dir, f"{split}_predictions.csv"),
+                                 result["ids"], result["y_true"], result["y_pred"],
+                                 args.target_cols)
+        report[split] = split_report(result, rows[rows["split"] == split], args.target_cols,
+                                     stats)
+    utils.write_json_atomic(os.path.join(args.out_dir, "final_metrics.json"), report)
+    return report
+
+
+# ============================================================================= main
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    args = parse_args(argv)
+    check_out_dir(args)
+    last_path = os.path.join(args.out_dir, "bp_last.pth")
+    best_path = os.path.join(args.out_dir, "bp_best.pth")
+    saved = utils.load_checkpoint(last_path) if args.resume else None
+    if saved is not None:
+        check_resume_args(args, saved["args"])
+    print(f"git {git_revision()}  torch {torch.__version__}  "
+          + "  ".join(f"{k}={v}" for k, v in sorted(vars(args).items())))
+    device = engine.resolve_device(args.device)
+    amp_dtype = engine.resolve_amp(args.amp, device)
+    utils.seed_everything(args.seed)
+
+    # ---------------------------------------------------------------- data and model
+    rows, seq_len, skipped, stats = load_data(args)
+    # a resumed run's weights replace any pre-trained start
+    model = build_model(args, stats, pretrain=None if saved else args.pretrain).to(device)
+    shuffle = torch.Generator()
+    loaders = make_loaders(args, rows, stats, seq_len, device, shuffle)
+    optimizer, scheduler = build_optimizer(args, model, len(loaders["train"]))
+    scaler = engine.make_scaler(device, amp_dtype)
+    loss_fn = losses.build_loss(args.loss, alpha=args.alpha, beta=args.beta,
+                                delta=args.huber_delta)
+    history: List[dict] = []
+    best = {"epoch": 0, "val_mae_mean": math.inf}
+    if saved is not None:
+        history, best = restore(saved, model, optimizer, scheduler, scaler)
+    write_run_files(args, rows, skipped)
+    print(f"device {device}  amp {amp_dtype}  batch {args.batch_size}  "
+          f"lr backbone {args.lr_backbone:g} head {args.lr_head:g}  "
+          f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters  "
+          f"{len(loaders['train'].dataset)} training records of length {seq_len}")
+
+    # ---------------------------------------------------------------- epochs
+    for epoch in range(saved["epoch"] + 1 if saved else 1, args.epochs + 1):
+        if args.patience and history and epoch - 1 - best["epoch"] >= args.patience:
+            print(f"early stop: no better val MAE for {args.patience} epochs")
+            break
+        tic = time.perf_counter()
+        shuffle.manual_seed(args.seed * 1000 + epoch)
+        train = engine.train_one_epoch(model, loaders["train"], loss_fn, optimizer, device,
+                                       amp_dtype, scaler, args.grad_clip, epoch, scheduler)
+        val = engine.evaluate(model, loaders["val"], loss_fn, device, amp_dtype,
+                              stats["target_mean"], stats["target_std"], desc="val")
+        val_metrics = metrics.regression_metrics(val["y_true"], val["y_pred"], args.target_cols)
+        row = history_row(epoch, train, val, val_metrics, args.target_cols, optimizer,
+                          time.perf_counter() - tic)
+        history.append(row)
+        improved = row["val_mae_mean"] < best["val_mae_mean"]
+        payload = checkpoint_payload(args, model, stats, epoch, seq_len)
+        if improved:
+            best = {"epoch": epoch, "val_mae_mean": row["val_mae_mean"]}
+            utils.save_checkpoint(best_path, payload)
+        utils.save_checkpoint(last_path, {**payload, **training_state(
+            optimizer, scheduler, scaler, history, best)})
+        utils.write_csv_atomic(os.path.join(args.out_dir, "history.csv"), pd.DataFrame(history))
+        tqdm.write(epoch_line(epoch, args.epochs, row, args.target_cols, improved))
+
+    # ---------------------------------------------------------------- results
+    report = final_report(args, model, loaders, loss_fn, device, amp_dtype, rows, stats)
+    plot_results.plot_run(args.out_dir)
+    print_test_table(report["test"], args.target_cols)
+    print(f"\nbest epoch {report['best_epoch']} (val MAE mean "
+          f"{report['val']['mean']['mae']:.2f}); outputs in {args.out_dir}: bp_best.pth, "
+          f"final_metrics.json, val_predictions.csv, test_predictions.csv, history.csv, split.csv")
+
+
+if __name__ == "__main__":
+    raise SystemExit(utils.run_cli(main))
