@@ -27,8 +27,8 @@ def get_args_parser() -> ArgumentParser:
     p.add_argument("--out", default="demo_out", help="folder for the cohort, npz files and the run")
     p.add_argument("--n_subjects", type=int, default=160)
     p.add_argument("--records_per_subject", type=int, default=4)
-    p.add_argument("--seq_len", type=int, default=2500,
-                   help="samples per record after resampling (the real setting is 7500)")
+    p.add_argument("--seq_len", type=int, default=7500,
+                   help="samples per record after resampling (7500 as in the seed document)")
     p.add_argument("--epochs", type=int, default=12)
     p.add_argument("--arch", default="small")
     return p

@@ -382,6 +382,9 @@ def final_report(args, model, loaders, loss_fn, device, amp_dtype, rows: pd.Data
     for split in ("val", "test"):
         result = engine.evaluate(model, loaders[split], loss_fn, device, amp_dtype,
                                  stats["target_mean"], stats["target_std"], desc=split)
+        # the truths as the labels CSV holds them, not round-tripped through float32
+        result["y_true"] = rows.set_index("ssoid").loc[result["ids"], list(args.target_cols)]\
+            .to_numpy(np.float64)
         engine.write_predictions(os.path.join(args.out_dir, f"{split}_predictions.csv"),
                                  result["ids"], result["y_true"], result["y_pred"],
                                  args.target_cols)

@@ -234,3 +234,11 @@ def test_non_empty_out_dir_of_another_run_is_not_overwritten(run, cohort):
     code, err = _cli(train_argv(cohort, run))
     assert code == 2 and "is not empty" in _error_line(err) and "--resume" in err
     assert open(os.path.join(run, "final_metrics.json")).read() == before
+
+
+def test_prediction_truths_equal_the_labels_csv_exactly(run, cohort):
+    labels = pd.read_csv(cohort["labels"], dtype={"ssoid": str}).set_index("ssoid")
+    pred = pd.read_csv(os.path.join(run, "test_predictions.csv"), dtype={"ssoid": str})
+    for t in TARGETS:
+        np.testing.assert_array_equal(pred[f"{t}_true"].to_numpy(),
+                                      labels.loc[pred["ssoid"], t].to_numpy())
