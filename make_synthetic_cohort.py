@@ -402,7 +402,8 @@ def make_cohort(path: str, n_subjects: int = 40, records_per_subject: int = 3, s
 # ----------------------------------------------------------------------------- CLI
 def get_args_parser() -> ArgumentParser:
     p = ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", required=True, help="HDF5 file to write (replaced if it exists)")
+    p.add_argument("--out", required=True, help="HDF5 file to write")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--n_subjects", type=int, default=40)
     p.add_argument("--records_per_subject", type=int, default=3)
     p.add_argument("--seed", type=int, default=0, help="same seed and flags = identical file")
@@ -428,6 +429,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parent = os.path.dirname(os.path.abspath(args.out))
     if not os.path.isdir(parent):
         raise UserError(f"--out {args.out}: folder {parent} does not exist")
+    if os.path.exists(args.out) and not args.overwrite:
+        raise UserError(f"--out {args.out} already exists; add --overwrite to replace it")
     info = make_cohort(args.out, args.n_subjects, args.records_per_subject, args.seed,
                        args.id_type, args.vlen, args.dtype, args.duration_s, args.n_nan,
                        args.n_inf, args.n_flat, args.n_duplicate, args.n_missing_labels,

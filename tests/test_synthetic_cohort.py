@@ -200,6 +200,13 @@ def test_cli_writes_the_file_and_reports(tmp_path, capsys):
     assert "4 records of 2 subjects, 1 with injected faults" in capsys.readouterr().out
     with h5py.File(out) as f:
         assert f["signals/ppg"].shape == (4, 4230)
+    before = open(out, "rb").read()
+    assert run_cli(msc.main, ["--out", out, "--n_subjects", "3"]) == 2
+    assert "already exists; add --overwrite" in capsys.readouterr().err
+    assert open(out, "rb").read() == before
+    msc.main(["--out", out, "--n_subjects", "3", "--records_per_subject", "1", "--overwrite"])
+    with h5py.File(out) as f:
+        assert f["signals/ppg"].shape == (3, 4230)
 
 
 @pytest.mark.parametrize("argv, needle", [
