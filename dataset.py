@@ -165,6 +165,14 @@ def zscore(x: np.ndarray, eps: float = 1e-6) -> np.ndarray:
     return (x - mean) / np.maximum(std, eps)
 
 
+def model_input(x: np.ndarray, channels: Sequence[int], normalize: bool) -> np.ndarray:
+    """One (L, 2) record as the model reads it: the chosen channels, z-scored, (C, L) float32."""
+    x = np.asarray(x, dtype=np.float32)[:, list(channels)]
+    if normalize:
+        x = zscore(x)
+    return np.ascontiguousarray(x.T, dtype=np.float32)
+
+
 class BPDataset(Dataset):
     """(x (C, L) float32, y (T,) float32 normalised targets, ssoid) per record.
 
@@ -193,10 +201,7 @@ class BPDataset(Dataset):
             x = np.asarray(self.cache[index], dtype=np.float32)
         else:
             x = load_x(npz_path(self.npz_dir, self.ids[index])).astype(np.float32)
-        x = x[:, self.channels]
-        if self.normalize:
-            x = zscore(x)
-        return np.ascontiguousarray(x.T, dtype=np.float32)
+        return model_input(x, self.channels, self.normalize)
 
     def __getitem__(self, index: int):
         return (torch.from_numpy(self.signal(index)), torch.from_numpy(self.targets[index]),

@@ -1,0 +1,103 @@
+"""Tests for predict_bp.py: it reproduces training's test predictions, --h5_path equals
+--npz_dir, the metrics JSON, and one-line errors for bad input."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import metrics
+import predict_bp
+import train_bp
+from conftest import ROOT
+from test_train import TARGETS, cohort, train_argv  # noqa: F401 - cohort is a fixture
+
+
+@pytest.fixture(scope="module")
+def trained(cohort, tmp_path_factory):  # noqa: F811
+    out = tmp_path_factory.mktemp("predict") / "run"
+    train_bp.main(train_argv(cohort, out, "--epochs", "1"))
+    split = pd.read_csv(out / "split.csv", dtype=str)
+    test_dir = tmp_path_factory.mktemp("test_npz")
+    for ssoid in split.loc[split["split"] == "test", "ssoid"]:
+        shutil.copy(os.path.join(cohort["npz"], f"{ssoid}.npz"), test_dir)
+    return {"run": out, "ckpt": str(out / "bp_best.pth"), "test_npz": str(test_dir)}
+
+
+def test_prediction_of_the_test_split_reproduces_training_output(trained, cohort, tmp_path):  # noqa: F811
+    out = tmp_path / "pred.csv"
+    predict_bp.main(["--checkpoint", trained["ckpt"], "--npz_dir", trained["test_npz"],
+                     "--output", str(out), "--labels_csv", cohort["labels"]])
+    ours = pd.read_csv(out, dtype={"ssoid": str}).set_index("ssoid")
+    theirs = pd.read_csv(trained["run"] / "test_predictions.csv", dtype={"ssoid": str}).set_index("ssoid")
+    assert list(ours.columns) == list(theirs.columns)
+    ours = ours.loc[theirs.index]
+    np.testing.assert_allclose(ours.to_numpy(), theirs.to_numpy(), rtol=0, atol=1e-9)
+    report = json.load(open(tmp_path / "pred_metrics.json"))
+    final = json.load(open(trained["run"] / "final_metrics.json"))["test"]
+    for t in TARGETS:
+        assert report["per_target"][t]["mae"] == pytest.approx(final["per_target"][t]["mae"], abs=1e-9)
+    recomputed = metrics.split_metrics(ours[[f"{t}_true" for t in TARGETS]].to_numpy(),
+                                       ours[[f"{t}_pred" for t in TARGETS]].to_numpy(),
+                                       [i.split("_")[0] for i in ours.index], TARGETS,
+                                       torch.load(trained["ckpt"], weights_only=True)["target_mean"])
+    assert report["mean"]["mae"] == pytest.approx(recomputed["mean"]["mae"], abs=1e-12)
+    assert pd.read_csv(tmp_path / "pred_skipped.csv").empty
+
+
+def test_h5_path_gives_the_same_predictions_as_npz_dir(trained, cohort, tmp_path):  # noqa: F811
+    from_npz, from_h5 = tmp_path / "a.csv", tmp_path / "b.csv"
+    predict_bp.main(["--checkpoint", trained["ckpt"], "--npz_dir", cohort["npz"],
+                     "--output", str(from_npz)])
+    predict_bp.main(["--checkpoint", trained["ckpt"], "--h5_path",
+                     str(cohort["base"] / "cohort.h5"), "--output", str(from_h5),
+                     "--batch_size", "7"])
+    a = pd.read_csv(from_npz, dtype={"ssoid": str}).set_index("ssoid")
+    b = pd.read_csv(from_h5, dtype={"ssoid": str}).set_index("ssoid")
+    assert list(a.columns) == [f"{t}_pred" for t in TARGETS]
+    assert sorted(a.index) == sorted(b.index) and len(a) == 60
+    np.testing.assert_allclose(b.loc[a.index].to_numpy(), a.to_numpy(), rtol=0, atol=1e-5)
+
+
+def _cli(argv):
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "predict_bp.py"), *argv], cwd=ROOT,
+                       capture_output=True, text=True)
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    errors = [ln for ln in lines if ln.startswith("error: ")]
+    assert len(errors) == 1 and lines[-1] == errors[0] and "Traceback" not in r.stderr, r.stderr
+    return r.returncode, errors[0]
+
+
+def test_bad_inputs_are_one_line_errors_and_write_nothing(trained, cohort, tmp_path):  # noqa: F811
+    out = str(tmp_path / "p.csv")
+    junk = tmp_path / "junk.pth"
+    junk.write_text("no")
+    bad_labels = tmp_path / "l.csv"
+    bad_labels.write_text("ssoid,other\nx_1,1\n")
+    cases = [
+        (["--checkpoint", trained["ckpt"], "--output", out], "exactly one of --npz_dir and --h5_path"),
+        (["--checkpoint", str(junk), "--npz_dir", cohort["npz"], "--output", out],
+         "not a readable PyTorch checkpoint"),
+        (["--checkpoint", trained["ckpt"], "--npz_dir", str(tmp_path), "--output", out],
+         "holds no .npz files"),
+        (["--checkpoint", trained["ckpt"], "--npz_dir", cohort["npz"], "--output", out,
+          "--labels_csv", str(bad_labels)], "has no column"),
+        (["--checkpoint", trained["ckpt"], "--npz_dir", cohort["npz"],
+          "--output", str(tmp_path / "nope" / "p.csv")], "does not exist"),
+        (["--checkpoint", trained["ckpt"], "--h5_path", str(tmp_path / "x.h5"), "--output", out],
+         "--h5_path"),
+    ]
+    for argv, needle in cases:
+        code, line = _cli(argv)
+        assert code == 2 and needle in line, (argv, line)
+    assert not os.path.exists(out)
+    existing = tmp_path / "keep.csv"
+    existing.write_text("mine\n")
+    code, line = _cli(["--checkpoint", trained["ckpt"], "--npz_dir", cohort["npz"],
+                       "--output", str(existing)])
+    assert code == 2 and "--overwrite" in line and existing.read_text() == "mine\n"
