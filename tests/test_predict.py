@@ -14,7 +14,7 @@ import torch
 import metrics
 import predict_bp
 import train_bp
-from conftest import ROOT
+from conftest import ROOT, error_line
 from test_train import TARGETS, cohort, train_argv  # noqa: F401 - cohort is a fixture
 
 
@@ -67,10 +67,7 @@ def test_h5_path_gives_the_same_predictions_as_npz_dir(trained, cohort, tmp_path
 def _cli(argv):
     r = subprocess.run([sys.executable, os.path.join(ROOT, "predict_bp.py"), *argv], cwd=ROOT,
                        capture_output=True, text=True)
-    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
-    errors = [ln for ln in lines if ln.startswith("error: ")]
-    assert len(errors) == 1 and lines[-1] == errors[0] and "Traceback" not in r.stderr, r.stderr
-    return r.returncode, errors[0]
+    return r.returncode, error_line(r.stderr)
 
 
 def test_bad_inputs_are_one_line_errors_and_write_nothing(trained, cohort, tmp_path):  # noqa: F811

@@ -16,7 +16,7 @@ import torch
 import make_synthetic_cohort
 import prepare_kailuan_npz
 import train_bp
-from conftest import ROOT
+from conftest import ROOT, error_line
 
 TARGETS = ["right_arm_sbp", "right_arm_dbp", "left_arm_mbp"]
 SEQ_LEN = 400
@@ -165,15 +165,6 @@ def _cli(argv):
     return result.returncode, result.stderr
 
 
-def _error_line(stderr):
-    """The one ``error:`` line, last on stderr (progress bars may stand before it)."""
-    lines = [ln for ln in stderr.splitlines() if ln.strip()]
-    errors = [ln for ln in lines if ln.startswith("error: ")]
-    assert len(errors) == 1 and lines[-1] == errors[0], stderr
-    assert "Traceback" not in stderr
-    return errors[0]
-
-
 def _labels_subset(cohort, tmp_path, keep):
     labels = pd.read_csv(cohort["labels"], dtype={"ssoid": str})
     path = tmp_path / "subset.csv"
@@ -225,14 +216,14 @@ def test_bad_input_is_one_line_error_with_status_2(cohort, tmp_path, case):
             argv += [flag, *values]
     code, err = _cli(argv)
     assert code == 2
-    assert needle in _error_line(err)
+    assert needle in error_line(err)
     assert not (tmp_path / "out" / "bp_best.pth").exists()
 
 
 def test_non_empty_out_dir_of_another_run_is_not_overwritten(run, cohort):
     before = open(os.path.join(run, "final_metrics.json")).read()
     code, err = _cli(train_argv(cohort, run))
-    assert code == 2 and "is not empty" in _error_line(err) and "--resume" in err
+    assert code == 2 and "is not empty" in error_line(err) and "--resume" in err
     assert open(os.path.join(run, "final_metrics.json")).read() == before
 
 
