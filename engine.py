@@ -1,32 +1,47 @@
-"""Training and evaluation loops: AMP, gradient clipping, the non-finite-loss guard,
-and turning model outputs back into mmHg.
+"""Training and evaluation loops: AMP, gradient accumulation, gradient clipping, the
+non-finite guard, and turning model outputs back into mmHg.
 
 ``train_one_epoch`` and ``evaluate`` take explicit values (model, loader, loss,
 device, AMP dtype, ...), never the CLI namespace, and return plain dicts.
+
+Distributed runs: ``train_one_epoch`` takes the DistributedDataParallel-wrapped model
+and skips the gradient all-reduce on every micro-batch but the last of an accumulation
+group; its returned numbers are summed over the ranks. The non-finite guard looks at the
+norm of the (all-reduced) gradient, which every rank sees alike, so all ranks skip the
+same steps and never disagree about a collective. ``evaluate`` runs on each rank's
+shard of a split; ``gather_evaluation`` joins the shards into the split's own order.
 """
 from __future__ import annotations
 
 import contextlib
 import math
 import time
-from typing import Dict, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 import pandas as pd
 import torch
-from tqdm import tqdm
-
-from utils import UserError, write_csv_atomic
+from utils import UserError, all_gather_object, all_reduce_sum, progress, write_csv_atomic
 
 
 # ----------------------------------------------------------------------------- devices and AMP
-def resolve_device(name: str) -> torch.device:
-    """``auto`` -> CUDA when available, else CPU; ``cuda`` without CUDA is a ``UserError``."""
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    """``auto`` -> CUDA when available, else CPU; ``cuda`` without CUDA is a ``UserError``.
+
+    On CUDA the process uses GPU ``local_rank`` (its rank on this node under torchrun).
+    """
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cpu":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA device is available (use --device cpu or auto)")
-    return torch.device(name)
+    if local_rank >= torch.cuda.device_count():
+        raise UserError(f"--device cuda: local rank {local_rank} has no GPU of its own "
+                        f"(this node has {torch.cuda.device_count()}); start at most that "
+                        f"many processes per node (torchrun --nproc_per_node)")
+    torch.cuda.set_device(local_rank)
+    return torch.device("cuda", local_rank)
 
 
 def resolve_amp(amp: str, device: torch.device) -> Optional[torch.dtype]:
@@ -55,46 +70,79 @@ def autocast(device: torch.device, amp_dtype: Optional[torch.dtype]):
 
 
 # ----------------------------------------------------------------------------- loops
+def _optimizer_step(model: torch.nn.Module, optimizer, scaler, grad_clip: float) -> bool:
+    """Unscale, clip and step when the gradient norm is finite; True if the step was taken.
+
+    ``grad_clip`` 0 measures the norm without clipping. A fp16 overflow is skipped the
+    same way (and lowers the GradScaler's scale).
+    """
+    scaler.unscale_(optimizer)
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(),
+                                          grad_clip if grad_clip > 0 else math.inf)
+    finite = bool(torch.isfinite(norm))
+    if finite:
+        scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return finite
+
+
 def train_one_epoch(model: torch.nn.Module, loader, loss_fn, optimizer, device: torch.device,
                     amp_dtype: Optional[torch.dtype], scaler, grad_clip: float,
-                    epoch: int, scheduler=None) -> Dict[str, float]:
-    """One pass over ``loader``; steps with a non-finite loss are skipped and counted.
+                    epoch: int, scheduler=None, accum_steps: int = 1) -> Dict[str, float]:
+    """One pass over ``loader``; optimiser steps with a non-finite gradient are skipped
+    and counted (with ``accum_steps`` > 1, a step sums that many batches' gradients).
 
-    ``scheduler`` (optional) advances once per optimiser step taken.
+    ``scheduler`` (optional) advances once per optimiser step taken. Losses and counts
+    are summed over the ranks of a distributed run.
 
-    Raises ``UserError`` when every step of the epoch had a non-finite loss.
+    Raises ``UserError`` when every step of the epoch was skipped.
     """
     model.train()
+    optimizer.zero_grad(set_to_none=True)
     total, n_seen, n_steps, n_bad = 0.0, 0, 0, 0
+    group_loss, group_n = 0.0, 0
+    n_batches = len(loader)
     start = time.perf_counter()
-    bar = tqdm(loader, desc=f"epoch {epoch} train", unit="batch", leave=False)
-    for x, y, _ in bar:
+    bar = progress(loader, desc=f"epoch {epoch} train", unit="batch", leave=False)
+    for i, (x, y, _) in enumerate(bar):
+        group_start = i - i % accum_steps
+        group = min(accum_steps, n_batches - group_start)  # the last group may be short
+        last = i + 1 == group_start + group
         x = x.to(device, non_blocking=True)
         y = y.to(device, non_blocking=True)
-        with autocast(device, amp_dtype):
-            pred = model(x)
-        loss = loss_fn(pred.float(), y)
-        n_steps += 1
-        if not torch.isfinite(loss):
-            n_bad += 1
-            optimizer.zero_grad(set_to_none=True)
+        # DDP all-reduces the gradients only on the last micro-batch of a group
+        sync = model.no_sync() if not last and hasattr(model, "no_sync") \
+            else contextlib.nullcontext()
+        with sync:
+            with autocast(device, amp_dtype):
+                pred = model(x)
+            loss = loss_fn(pred.float(), y)
+            value = loss.item()
+            if not math.isfinite(value):
+                # NaN gradients reach every rank through the all-reduce: all skip this step
+                loss = loss * math.nan
+            scaler.scale(loss / group).backward()
+        group_loss += value * len(x)
+        group_n += len(x)
+        if not last:
             continue
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        if grad_clip > 0:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
-        if scheduler is not None:
-            scheduler.step()
-        total += loss.item() * len(x)
-        n_seen += len(x)
-        bar.set_postfix(loss=f"{total / n_seen:.4f}")
-    if n_steps and n_bad == n_steps:
-        raise UserError(f"epoch {epoch}: all {n_steps} training steps had a non-finite loss; "
-                        f"lower --lr_head/--lr_backbone, set --grad_clip, or check the inputs")
+        n_steps += 1
+        if _optimizer_step(model, optimizer, scaler, grad_clip):
+            if scheduler is not None:
+                scheduler.step()
+            total, n_seen = total + group_loss, n_seen + group_n
+            bar.set_postfix(loss=f"{total / n_seen:.4f}")
+        else:
+            n_bad += 1
+        group_loss, group_n = 0.0, 0
     seconds = time.perf_counter() - start
+    total, n_seen, n_steps, n_bad = all_reduce_sum([total, n_seen, n_steps, n_bad])
+    n_seen, n_steps, n_bad = int(n_seen), int(n_steps), int(n_bad)
+    if n_steps and n_bad == n_steps:
+        raise UserError(f"epoch {epoch}: all {n_steps} training steps had a non-finite loss "
+                        f"or gradient; lower --lr_head/--lr_backbone, set --grad_clip, or "
+                        f"check the inputs")
     return {"loss": total / n_seen if n_seen else math.nan, "n_records": n_seen,
             "skipped_steps": n_bad, "seconds": seconds,
             "records_per_s": n_seen / seconds if seconds > 0 else 0.0}
@@ -104,11 +152,15 @@ def train_one_epoch(model: torch.nn.Module, loader, loss_fn, optimizer, device: 
 def evaluate(model: torch.nn.Module, loader, loss_fn, device: torch.device,
              amp_dtype: Optional[torch.dtype], target_mean: np.ndarray,
              target_std: np.ndarray, desc: str = "eval") -> Dict[str, object]:
-    """Loss (normalised units) and ids, truths and predictions in mmHg, in loader order."""
+    """Loss (normalised units) and ids, truths and predictions in mmHg, in loader order.
+
+    ``n`` is the number of records; in a distributed run each rank evaluates its own
+    shard and ``gather_evaluation`` joins them.
+    """
     model.eval()
     ids, truths, preds = [], [], []
     total, n = 0.0, 0
-    for x, y, batch_ids in tqdm(loader, desc=desc, unit="batch", leave=False):
+    for x, y, batch_ids in progress(loader, desc=desc, unit="batch", leave=False):
         x = x.to(device, non_blocking=True)
         y = y.to(device, non_blocking=True)
         with autocast(device, amp_dtype):
@@ -121,9 +173,34 @@ def evaluate(model: torch.nn.Module, loader, loss_fn, device: torch.device,
         preds.append(pred.cpu().numpy())
     mean = np.asarray(target_mean, dtype=np.float64)
     std = np.asarray(target_std, dtype=np.float64)
-    return {"loss": total / n if n else math.nan, "ids": ids,
-            "y_true": np.concatenate(truths).astype(np.float64) * std + mean,
-            "y_pred": np.concatenate(preds).astype(np.float64) * std + mean}
+    n_targets = len(mean)
+    return {"loss": total / n if n else math.nan, "n": n, "ids": ids,
+            "y_true": _join(truths, n_targets) * std + mean,
+            "y_pred": _join(preds, n_targets) * std + mean}
+
+
+def _join(parts: List[np.ndarray], n_targets: int) -> np.ndarray:
+    if not parts:  # a rank whose shard is empty (fewer records than ranks)
+        return np.zeros((0, n_targets))
+    return np.concatenate(parts).astype(np.float64)
+
+
+def gather_evaluation(result: Dict[str, object], order: Sequence[str]) -> Dict[str, object]:
+    """Every rank's ``evaluate`` result joined, rows in the order of ``order`` (the ids of
+    the split). Single-process results come back unchanged; each id must occur once."""
+    parts = all_gather_object(result)
+    if len(parts) == 1:
+        return result
+    ids = [i for p in parts for i in p["ids"]]
+    position = {s: k for k, s in enumerate(ids)}
+    if len(position) != len(ids) or set(position) != set(order):
+        raise RuntimeError("the evaluation shards do not cover the split exactly once")
+    take = np.array([position[s] for s in order], dtype=np.int64)
+    n = sum(p["n"] for p in parts)
+    loss = sum(p["loss"] * p["n"] for p in parts if p["n"]) / n if n else math.nan
+    return {"loss": loss, "n": n, "ids": list(order),
+            "y_true": np.concatenate([p["y_true"] for p in parts])[take],
+            "y_pred": np.concatenate([p["y_pred"] for p in parts])[take]}
 
 
 # ----------------------------------------------------------------------------- predictions

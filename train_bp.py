@@ -10,6 +10,15 @@ epoch with the lowest mean validation MAE, and writes the files of CONTRACT sect
 into --out_dir: bp_best.pth, bp_last.pth, args.json, split.csv, history.csv,
 skipped_records.csv, val/test_predictions.csv and final_metrics.json.
 A killed run continues with the same command plus --resume.
+
+Several GPUs or nodes: the same command under torchrun trains with
+DistributedDataParallel (NCCL on GPUs, gloo on CPUs); --batch_size is per process:
+
+    torchrun --nproc_per_node=8 train_bp.py ... --batch_size 32     # 256 per step
+
+Rank 0 alone reads and writes --out_dir and checks the records; it hands the split, the
+statistics and any checkpoint to the other ranks, so they need only --npz_dir (and
+--cache_dir, which the first process of each node builds).
 """
 from __future__ import annotations
 
@@ -24,7 +33,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import pandas as pd
 import torch
-from torch.utils.data import DataLoader
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 import backbones
@@ -39,7 +49,7 @@ from utils import UserError
 CONSTRAINS = ("none", "clip", "sigmoid", "tanh")
 # Flags that may change between a killed run and its --resume; every other must match.
 RESUMABLE_CHANGES = {"resume", "overwrite", "num_workers", "device", "cache_dir",
-                     "trust_checkpoint"}
+                     "trust_checkpoint", "compile"}
 
 
 # ============================================================================= arguments
@@ -58,10 +68,13 @@ def get_args_parser() -> utils.ArgumentParser:
     data.add_argument("--no_zscore", action="store_true",
                       help="feed raw signals instead of per-record, per-channel z-scored ones")
     data.add_argument("--cache_dir", default=None,
-                      help="pack the checked records into one float32 memory-mapped file here: "
-                           "much faster epochs, costs N*L*2*4 bytes of disk")
+                      help="pack the checked records, ready for the model, into one float32 "
+                           "memory-mapped file here (built once, reused by later runs): "
+                           "batches are then read in the training process with no "
+                           "decompression; costs N*L*2*4 bytes of disk")
     data.add_argument("--num_workers", type=int, default=min(4, os.cpu_count() or 1),
-                      help="DataLoader worker processes")
+                      help="DataLoader worker processes per training process for reading "
+                           "npz files (unused with --cache_dir)")
     model = p.add_argument_group("model")
     model.add_argument("--arch", default="ecgfounder", choices=sorted(backbones.ARCHS),
                        help="Net1D size; ecgfounder is the published one that --pretrain loads into")
@@ -81,7 +94,11 @@ def get_args_parser() -> utils.ArgumentParser:
     model.add_argument("--dropout", type=float, default=0.1, help="dropout in the head")
     optim = p.add_argument_group("optimisation")
     optim.add_argument("--epochs", type=int, default=40)
-    optim.add_argument("--batch_size", type=int, default=256)
+    optim.add_argument("--batch_size", type=int, default=256,
+                       help="records per forward pass in each process (per GPU)")
+    optim.add_argument("--accum_steps", type=int, default=1,
+                       help="batches whose gradients are summed before each optimiser step: "
+                            "records per step = batch_size x accum_steps x processes")
     optim.add_argument("--lr_backbone", type=float, default=1e-5, help="AdamW lr of the encoders")
     optim.add_argument("--lr_head", type=float, default=3e-4, help="AdamW lr of everything else")
     optim.add_argument("--weight_decay", type=float, default=0.01,
@@ -104,6 +121,9 @@ def get_args_parser() -> utils.ArgumentParser:
                      help="continue the run in --out_dir from its bp_last.pth")
     run.add_argument("--overwrite", action="store_true",
                      help="write into an --out_dir that already holds another run")
+    run.add_argument("--compile", action="store_true",
+                     help="torch.compile the model: faster steps on GPU after a compile of "
+                          "a minute or more; needs Triton (GPU) or a C++ compiler (CPU)")
     return p
 
 
@@ -112,6 +132,7 @@ def parse_args(argv: Optional[Sequence[str]]):
     checks = [
         (args.epochs >= 1, "--epochs must be at least 1"),
         (args.batch_size >= 1, "--batch_size must be at least 1"),
+        (args.accum_steps >= 1, "--accum_steps must be at least 1"),
         (args.num_workers >= 0, "--num_workers must be 0 or more"),
         (args.lr_backbone >= 0 and args.lr_head > 0, "--lr_head must be > 0 and --lr_backbone >= 0"),
         (args.weight_decay >= 0, "--weight_decay must be 0 or more"),
@@ -147,13 +168,18 @@ def check_out_dir(args) -> None:
                         f"--overwrite to replace it, or choose a new --out_dir")
 
 
-def check_resume_args(args, saved: dict) -> None:
+def check_resume(args, saved: dict, world_size: int) -> None:
+    """A resume must repeat the killed run's settings and number of processes."""
     for key, value in vars(args).items():
-        if key in RESUMABLE_CHANGES or key not in saved:
+        if key in RESUMABLE_CHANGES or key not in saved["args"]:
             continue
-        if saved[key] != value:
+        if saved["args"][key] != value:
             raise UserError(f"--resume: --{key} is {value!r} but the run in {args.out_dir} "
-                            f"used {saved[key]!r}; resume with the same settings")
+                            f"used {saved['args'][key]!r}; resume with the same settings")
+    if saved.get("world_size", 1) != world_size:
+        raise UserError(f"--resume: the run in {args.out_dir} trained with "
+                        f"{saved.get('world_size', 1)} process(es), this one has {world_size}; "
+                        f"resume with the same number (torchrun --nnodes/--nproc_per_node)")
 
 
 # ============================================================================= data
@@ -214,34 +240,38 @@ def target_stats(train: pd.DataFrame, target_cols: Sequence[str], margin: float)
             "y_max": (y.max(axis=0) + margin).tolist()}
 
 
-def make_loader(args, rows: pd.DataFrame, stats: dict, cache, index: np.ndarray,
-                device: torch.device, train: bool, generator=None) -> DataLoader:
-    y = (rows[args.target_cols].to_numpy(np.float64) - stats["target_mean"]) / stats["target_std"]
-    ds = dataset.BPDataset(list(rows["ssoid"]), args.npz_dir, y,
-                           backbones.MODALITY_CHANNELS[args.modality],
-                           normalize=not args.no_zscore,
-                           cache=None if cache is None else _SubsetView(cache, index))
-    return DataLoader(ds, batch_size=args.batch_size, shuffle=train, generator=generator,
-                      drop_last=train and len(ds) > args.batch_size,
-                      num_workers=args.num_workers, persistent_workers=args.num_workers > 0,
+def make_loader(args, part: pd.DataFrame, rows_in_cache: np.ndarray, stats: dict, cache,
+                device: torch.device, dist: utils.DistInfo, train: bool) -> DataLoader:
+    """The DataLoader of one split: from the cache when given, else from the npz files.
+
+    Training shards with ``DistributedSampler`` (reshuffled by ``set_epoch``); evaluation
+    with ``ShardSampler``, so every record is evaluated exactly once over the ranks.
+    """
+    y = (part[args.target_cols].to_numpy(np.float64) - stats["target_mean"]) / stats["target_std"]
+    channels = backbones.MODALITY_CHANNELS[args.modality]
+    if cache is not None:
+        ds = dataset.CachedBPDataset(list(part["ssoid"]), cache, rows_in_cache, y, channels)
+        workers, collate = 0, dataset.CachedBPDataset.collate
+    else:
+        ds = dataset.BPDataset(list(part["ssoid"]), args.npz_dir, y, channels,
+                               normalize=not args.no_zscore)
+        workers, collate = args.num_workers, None
+    if train:
+        sampler = DistributedSampler(ds, num_replicas=dist.world_size, rank=dist.rank,
+                                     shuffle=True, seed=args.seed)
+    else:
+        sampler = dataset.ShardSampler(len(ds), dist.rank, dist.world_size)
+    return DataLoader(ds, batch_size=args.batch_size, sampler=sampler, collate_fn=collate,
+                      drop_last=train and len(sampler) > args.batch_size,
+                      num_workers=workers, persistent_workers=workers > 0,
                       pin_memory=device.type == "cuda")
 
 
-class _SubsetView:
-    """Rows ``index`` of a memory-mapped cache, read lazily (keeps workers' memory small)."""
-
-    def __init__(self, cache: np.ndarray, index: np.ndarray):
-        self.cache, self.index = cache, index
-
-    def __len__(self) -> int:
-        return len(self.index)
-
-    def __getitem__(self, i: int) -> np.ndarray:
-        return self.cache[self.index[i]]
-
-
 # ============================================================================= model
-def build_model(args, stats: dict, pretrain: Optional[str]) -> backbones.BPModel:
+def build_model(args, stats: dict, pretrain: Optional[str],
+                dist: utils.DistInfo) -> backbones.BPModel:
+    """The BP model with its output bounds; ``pretrain`` is loaded by rank 0 (DDP hands
+    its weights to the other ranks)."""
     cfg = backbones.BPModelConfig(arch=args.arch, modality=args.modality, fusion=args.fusion,
                                   n_targets=len(args.target_cols), constrain=args.constrain,
                                   head_hidden=args.head_hidden, dropout=args.dropout)
@@ -249,9 +279,9 @@ def build_model(args, stats: dict, pretrain: Optional[str]) -> backbones.BPModel
     mean, std = np.array(stats["target_mean"]), np.array(stats["target_std"])
     model.set_bounds((np.array(stats["y_min"]) - mean) / std, (np.array(stats["y_max"]) - mean) / std)
     if pretrain:
-        backbones.load_pretrained(model, pretrain, trust=args.trust_checkpoint,
-                                  target_cols=args.target_cols)
-    else:
+        utils.run_on_rank0(lambda: backbones.load_pretrained(
+            model, pretrain, trust=args.trust_checkpoint, target_cols=args.target_cols), dist)
+    elif args.pretrain is None:
         print("warning: no --pretrain given: the encoders start from random weights")
     if args.freeze_backbone:
         model.freeze_backbone()
@@ -274,16 +304,19 @@ def build_optimizer(args, model, steps_per_epoch: int):
 
 # ============================================================================= checkpoints
 def checkpoint_payload(args, model, stats: dict, epoch: int, seq_len: int) -> dict:
+    """What bp_best.pth holds; ``model`` is the bare BPModel (no DDP or compile prefixes)."""
     return {"model": model.state_dict(), "model_config": asdict(model.config), "epoch": epoch,
             "target_cols": list(args.target_cols), "modality": args.modality, "arch": args.arch,
             "fusion": args.fusion, "constrain": args.constrain, "zscore": not args.no_zscore,
             "seq_len": seq_len, **stats, "args": vars(args)}
 
 
-def training_state(optimizer, scheduler, scaler, history: List[dict], best: dict) -> dict:
+def training_state(optimizer, scheduler, scaler, history: List[dict], best: dict,
+                   rng_states: List[torch.Tensor]) -> dict:
+    """What bp_last.pth adds for --resume; ``rng_states`` holds each rank's torch RNG."""
     return {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
             "scaler": scaler.state_dict(), "history": history, "best": best,
-            "torch_rng": torch.get_rng_state()}
+            "rng_states": rng_states, "world_size": len(rng_states)}
 
 
 # ============================================================================= reporting
@@ -350,38 +383,97 @@ def load_data(args):
     return rows, seq_len, skipped, stats
 
 
+def start_on_rank0(args, dist: utils.DistInfo):
+    """Rank 0 checks --out_dir, reads bp_last.pth (--resume) and the data, and hands them
+    to every rank, so all ranks train on one split whatever their file systems show.
+
+    Returns (bp_last.pth contents or None, rows, seq_len, skipped, stats).
+    """
+    def start():
+        check_out_dir(args)
+        saved = utils.load_checkpoint(os.path.join(args.out_dir, "bp_last.pth")) \
+            if args.resume else None
+        if saved is not None:
+            check_resume(args, saved, dist.world_size)
+        return (saved, *load_data(args))
+
+    return utils.run_on_rank0(start, dist)
+
+
+def open_cache_per_node(args, rows: pd.DataFrame, seq_len: int, dist: utils.DistInfo):
+    """The memory-mapped cache, built by the first process of each node."""
+    paths = [dataset.npz_path(args.npz_dir, s) for s in rows["ssoid"]]
+    if dist.local_rank == 0:
+        dataset.open_cache(args.cache_dir, paths, seq_len, normalize=not args.no_zscore)
+    utils.barrier()
+    return dataset.open_cache(args.cache_dir, paths, seq_len, normalize=not args.no_zscore)
+
+
 def make_loaders(args, rows: pd.DataFrame, stats: dict, seq_len: int, device: torch.device,
-                 shuffle: torch.Generator) -> Dict[str, DataLoader]:
-    cache = None
-    if args.cache_dir:
-        cache = dataset.open_cache(args.cache_dir, [dataset.npz_path(args.npz_dir, s)
-                                                    for s in rows["ssoid"]], seq_len)
-    return {s: make_loader(args, rows[rows["split"] == s].reset_index(drop=True), stats, cache,
-                           np.flatnonzero(rows["split"] == s), device, train=(s == "train"),
-                           generator=shuffle if s == "train" else None)
-            for s in ("train", "val", "test")}
+                 dist: utils.DistInfo) -> Dict[str, DataLoader]:
+    cache = open_cache_per_node(args, rows, seq_len, dist) if args.cache_dir else None
+    loaders = {}
+    for split in ("train", "val", "test"):
+        index = np.flatnonzero(rows["split"] == split)
+        loaders[split] = make_loader(args, rows.iloc[index].reset_index(drop=True), index,
+                                     stats, cache, device, dist, train=(split == "train"))
+    return loaders
 
 
-def restore(saved: dict, model, optimizer, scheduler, scaler) -> Tuple[List[dict], dict]:
+def wrap_model(args, model: backbones.BPModel, device: torch.device, dist: utils.DistInfo):
+    """(the module to train, the module to evaluate): DDP across ranks, then compiled.
+
+    Evaluation uses the bare model (compiled with --compile): each rank evaluates its own
+    shard, which needs no gradient synchronisation. The parameters without a gradient
+    (ECGFounder's unused BatchNorms, a frozen backbone) have ``requires_grad=False``, so
+    DDP neither registers them nor needs ``find_unused_parameters``.
+    """
+    train_model = model
+    if dist.enabled:
+        train_model = DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None,
+            gradient_as_bucket_view=True)
+    if not args.compile:
+        return train_model, model
+    compiled = torch.compile(train_model)
+    return compiled, (compiled if train_model is model else torch.compile(model))
+
+
+def restore(saved: dict, model, optimizer, scheduler, scaler,
+            dist: utils.DistInfo) -> Tuple[List[dict], dict]:
     """Put a killed run's state back; returns its history and best-epoch record."""
     model.load_state_dict(saved["model"])
     optimizer.load_state_dict(saved["optimizer"])
     scheduler.load_state_dict(saved["scheduler"])
     scaler.load_state_dict(saved["scaler"])
-    torch.set_rng_state(saved["torch_rng"])
+    torch.set_rng_state(saved.get("rng_states", [saved.get("torch_rng")])[dist.rank])
     print(f"resuming after epoch {saved['epoch']} (best so far: epoch {saved['best']['epoch']})")
     return list(saved["history"]), dict(saved["best"])
 
 
-def final_report(args, model, loaders, loss_fn, device, amp_dtype, rows: pd.DataFrame,
-                 stats: dict) -> dict:
-    """Evaluate the best checkpoint on val and test; write the predictions and metrics."""
-    best_ckpt = utils.load_checkpoint(os.path.join(args.out_dir, "bp_best.pth"))
-    model.load_state_dict(best_ckpt["model"])
-    report = {"target_cols": list(args.target_cols), "best_epoch": int(best_ckpt["epoch"])}
+def evaluate_split(model, loaders, split: str, loss_fn, device, amp_dtype, stats: dict) -> dict:
+    """``engine.evaluate`` over every rank's shard, joined in the split's order."""
+    loader = loaders[split]
+    result = engine.evaluate(model, loader, loss_fn, device, amp_dtype, stats["target_mean"],
+                             stats["target_std"], desc=split)
+    return engine.gather_evaluation(result, loader.dataset.ids)
+
+
+def final_report(args, model, eval_model, loaders, loss_fn, device, amp_dtype,
+                 rows: pd.DataFrame, stats: dict, dist: utils.DistInfo) -> Optional[dict]:
+    """Evaluate the best checkpoint on val and test; rank 0 writes the predictions and
+    metrics and returns the report (other ranks return None)."""
+    best = None
+    if dist.is_main:
+        ckpt = utils.load_checkpoint(os.path.join(args.out_dir, "bp_best.pth"))
+        best = {"model": ckpt["model"], "epoch": int(ckpt["epoch"])}
+    best = utils.broadcast_object(best)
+    model.load_state_dict(best["model"])
+    report = {"target_cols": list(args.target_cols), "best_epoch": best["epoch"]}
     for split in ("val", "test"):
-        result = engine.evaluate(model, loaders[split], loss_fn, device, amp_dtype,
-                                 stats["target_mean"], stats["target_std"], desc=split)
+        result = evaluate_split(eval_model, loaders, split, loss_fn, device, amp_dtype, stats)
+        if not dist.is_main:
+            continue
         # the truths as the labels CSV holds them, not round-tripped through float32
         result["y_true"] = rows.set_index("ssoid").loc[result["ids"], list(args.target_cols)]\
             .to_numpy(np.float64)
@@ -390,41 +482,60 @@ def final_report(args, model, loaders, loss_fn, device, amp_dtype, rows: pd.Data
                                  args.target_cols)
         report[split] = split_report(result, rows[rows["split"] == split], args.target_cols,
                                      stats)
+    if not dist.is_main:
+        return None
     utils.write_json_atomic(os.path.join(args.out_dir, "final_metrics.json"), report)
     return report
+
+
+def save_epoch(args, model, stats: dict, epoch: int, seq_len: int, improved: bool,
+               state: dict, history: List[dict]) -> None:
+    """bp_best.pth (when improved), bp_last.pth and history.csv; rank 0 only."""
+    payload = checkpoint_payload(args, model, stats, epoch, seq_len)
+    if improved:
+        utils.save_checkpoint(os.path.join(args.out_dir, "bp_best.pth"), payload)
+    utils.save_checkpoint(os.path.join(args.out_dir, "bp_last.pth"), {**payload, **state})
+    utils.write_csv_atomic(os.path.join(args.out_dir, "history.csv"), pd.DataFrame(history))
 
 
 # ============================================================================= main
 def main(argv: Optional[Sequence[str]] = None) -> None:
     args = parse_args(argv)
-    check_out_dir(args)
-    last_path = os.path.join(args.out_dir, "bp_last.pth")
-    best_path = os.path.join(args.out_dir, "bp_best.pth")
-    saved = utils.load_checkpoint(last_path) if args.resume else None
-    if saved is not None:
-        check_resume_args(args, saved["args"])
+    dist = utils.dist_env()
+    device = engine.resolve_device(args.device, dist.local_rank)
+    utils.init_distributed(dist, "nccl" if device.type == "cuda" else "gloo")
+    try:
+        train(args, dist, device)
+    finally:
+        utils.destroy_distributed()
+
+
+def train(args, dist: utils.DistInfo, device: torch.device) -> None:
     print(f"git {git_revision()}  torch {torch.__version__}  "
           + "  ".join(f"{k}={v}" for k, v in sorted(vars(args).items())))
-    device = engine.resolve_device(args.device)
     amp_dtype = engine.resolve_amp(args.amp, device)
-    utils.seed_everything(args.seed)
+    utils.seed_everything(args.seed + dist.rank)  # own dropout masks per rank
 
     # ---------------------------------------------------------------- data and model
-    rows, seq_len, skipped, stats = load_data(args)
+    saved, rows, seq_len, skipped, stats = start_on_rank0(args, dist)
     # a resumed run's weights replace any pre-trained start
-    model = build_model(args, stats, pretrain=None if saved else args.pretrain).to(device)
-    shuffle = torch.Generator()
-    loaders = make_loaders(args, rows, stats, seq_len, device, shuffle)
-    optimizer, scheduler = build_optimizer(args, model, len(loaders["train"]))
+    model = build_model(args, stats, None if saved else args.pretrain, dist).to(device)
+    loaders = make_loaders(args, rows, stats, seq_len, device, dist)
+    optimizer, scheduler = build_optimizer(
+        args, model, math.ceil(len(loaders["train"]) / args.accum_steps))
     scaler = engine.make_scaler(device, amp_dtype)
     loss_fn = losses.build_loss(args.loss, alpha=args.alpha, beta=args.beta,
                                 delta=args.huber_delta)
     history: List[dict] = []
     best = {"epoch": 0, "val_mae_mean": math.inf}
     if saved is not None:
-        history, best = restore(saved, model, optimizer, scheduler, scaler)
-    write_run_files(args, rows, skipped)
-    print(f"device {device}  amp {amp_dtype}  batch {args.batch_size}  "
+        history, best = restore(saved, model, optimizer, scheduler, scaler, dist)
+    train_model, eval_model = wrap_model(args, model, device, dist)
+    if dist.is_main:
+        write_run_files(args, rows, skipped)
+    print(f"device {device}  amp {amp_dtype}  processes {dist.world_size}  "
+          f"records per step {args.batch_size} x {args.accum_steps} x {dist.world_size} = "
+          f"{args.batch_size * args.accum_steps * dist.world_size}  "
           f"lr backbone {args.lr_backbone:g} head {args.lr_head:g}  "
           f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters  "
           f"{len(loaders['train'].dataset)} training records of length {seq_len}")
@@ -435,27 +546,29 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             print(f"early stop: no better val MAE for {args.patience} epochs")
             break
         tic = time.perf_counter()
-        shuffle.manual_seed(args.seed * 1000 + epoch)
-        train = engine.train_one_epoch(model, loaders["train"], loss_fn, optimizer, device,
-                                       amp_dtype, scaler, args.grad_clip, epoch, scheduler)
-        val = engine.evaluate(model, loaders["val"], loss_fn, device, amp_dtype,
-                              stats["target_mean"], stats["target_std"], desc="val")
+        loaders["train"].sampler.set_epoch(epoch)
+        train_stats = engine.train_one_epoch(train_model, loaders["train"], loss_fn, optimizer,
+                                             device, amp_dtype, scaler, args.grad_clip, epoch,
+                                             scheduler, args.accum_steps)
+        val = evaluate_split(eval_model, loaders, "val", loss_fn, device, amp_dtype, stats)
         val_metrics = metrics.regression_metrics(val["y_true"], val["y_pred"], args.target_cols)
-        row = history_row(epoch, train, val, val_metrics, args.target_cols, optimizer,
+        row = history_row(epoch, train_stats, val, val_metrics, args.target_cols, optimizer,
                           time.perf_counter() - tic)
         history.append(row)
         improved = row["val_mae_mean"] < best["val_mae_mean"]
-        payload = checkpoint_payload(args, model, stats, epoch, seq_len)
         if improved:
             best = {"epoch": epoch, "val_mae_mean": row["val_mae_mean"]}
-            utils.save_checkpoint(best_path, payload)
-        utils.save_checkpoint(last_path, {**payload, **training_state(
-            optimizer, scheduler, scaler, history, best)})
-        utils.write_csv_atomic(os.path.join(args.out_dir, "history.csv"), pd.DataFrame(history))
-        tqdm.write(epoch_line(epoch, args.epochs, row, args.target_cols, improved))
+        rng_states = utils.all_gather_object(torch.get_rng_state())
+        if dist.is_main:
+            save_epoch(args, model, stats, epoch, seq_len, improved, training_state(
+                optimizer, scheduler, scaler, history, best, rng_states), history)
+            tqdm.write(epoch_line(epoch, args.epochs, row, args.target_cols, improved))
 
     # ---------------------------------------------------------------- results
-    report = final_report(args, model, loaders, loss_fn, device, amp_dtype, rows, stats)
+    report = final_report(args, model, eval_model, loaders, loss_fn, device, amp_dtype, rows,
+                          stats, dist)
+    if report is None:
+        return
     plot_results.plot_run(args.out_dir)
     print_test_table(report["test"], args.target_cols)
     print(f"\nbest epoch {report['best_epoch']} (val MAE mean "

@@ -1,12 +1,20 @@
 """Shared helpers: the user-facing error path, atomic file writes, seeding, the
-subject-wise split and the one checkpoint reader/writer (metrics live in metrics.py).
+subject-wise split, the one checkpoint reader/writer, progress bars and the
+distributed (torchrun) helpers (metrics live in metrics.py).
 
 Every script's entry point is ``raise SystemExit(run_cli(main))``: a ``UserError``
 raised anywhere becomes one line ``error: ...`` on stderr and exit status 2.
+
+Distributed runs: ``init_distributed`` reads torchrun's environment (``RANK``,
+``LOCAL_RANK``, ``WORLD_SIZE``) and joins the process group; without torchrun (or with
+one process) nothing is initialised and every collective helper below is the identity,
+so single-process code needs no branches. Ranks other than 0 print nothing to stdout
+and show no progress bars; their ``error:`` lines still reach stderr.
 """
 from __future__ import annotations
 
 import argparse
+import builtins
 import contextlib
 import io
 import json
@@ -14,9 +22,11 @@ import os
 import random
 import sys
 import tempfile
-from typing import Callable, Dict, Iterator, Optional, Sequence
+from dataclasses import dataclass
+from typing import Callable, Dict, Iterator, List, Optional, Sequence
 
 import numpy as np
+from tqdm import tqdm
 
 
 # ----------------------------------------------------------------------------- errors
@@ -192,3 +202,142 @@ def save_checkpoint(path: str, payload: dict) -> None:
 
     with atomic_path(path) as tmp:
         torch.save(payload, tmp)
+
+
+# ----------------------------------------------------------------------------- progress
+_SHOW_PROGRESS = True
+
+
+def progress(iterable=None, **kwargs) -> tqdm:
+    """A tqdm bar, hidden on ranks other than 0 of a distributed run."""
+    return tqdm(iterable, disable=not _SHOW_PROGRESS, **kwargs)
+
+
+# ----------------------------------------------------------------------------- distributed
+@dataclass(frozen=True)
+class DistInfo:
+    """This process's place in a torchrun job (rank 0 of 1 without torchrun)."""
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def dist_env() -> DistInfo:
+    """The torchrun environment of this process; ``UserError`` if it is inconsistent."""
+    names = ("RANK", "LOCAL_RANK", "WORLD_SIZE")
+    if not any(n in os.environ for n in names):
+        return DistInfo()
+    try:
+        rank, local_rank, world = (int(os.environ[n]) for n in names)
+    except (KeyError, ValueError):
+        raise UserError(f"distributed environment: {', '.join(names)} must all be set to "
+                        f"integers (launch with torchrun)") from None
+    if not (0 <= rank < world and 0 <= local_rank <= rank):
+        raise UserError(f"distributed environment: RANK {rank}, LOCAL_RANK {local_rank}, "
+                        f"WORLD_SIZE {world} do not fit together")
+    return DistInfo(rank, local_rank, world)
+
+
+def init_distributed(info: DistInfo, backend: str) -> None:
+    """Join the process group (``nccl`` on GPUs, ``gloo`` on CPUs) when ``info`` has
+    several processes; quieten ranks other than 0."""
+    import torch.distributed as dist
+
+    if info.enabled and not dist.is_initialized():
+        dist.init_process_group(backend=backend)
+    if not info.is_main:
+        _quieten()
+
+
+def _quieten() -> None:
+    """No stdout prints and no progress bars from this process (stderr still shows)."""
+    global _SHOW_PROGRESS
+    _SHOW_PROGRESS = False
+    plain_print = builtins.print
+
+    def print_to_stderr_only(*args, **kwargs):
+        if kwargs.get("file") not in (None, sys.stdout):
+            plain_print(*args, **kwargs)
+
+    builtins.print = print_to_stderr_only
+
+
+def _dist():
+    """``torch.distributed`` when a process group is up, else ``None``."""
+    import torch.distributed as dist
+
+    return dist if dist.is_available() and dist.is_initialized() else None
+
+
+def barrier() -> None:
+    dist = _dist()
+    if dist is not None:
+        dist.barrier()
+
+
+def broadcast_object(obj):
+    """Rank 0's ``obj`` on every rank (pickled; for tables and small state)."""
+    dist = _dist()
+    if dist is None:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def run_on_rank0(fn: Callable[[], object], info: DistInfo):
+    """``fn()`` on rank 0 alone, its result on every rank.
+
+    A ``UserError`` in ``fn`` ends every rank with status 2: rank 0 reports it, the others
+    leave quietly instead of failing on a lost peer in their next collective.
+    """
+    outcome = None
+    if info.is_main:
+        try:
+            outcome = (None, fn())
+        except UserError as exc:
+            outcome = (exc, None)
+    error, result = broadcast_object(outcome)
+    if error is not None:
+        if info.is_main:
+            raise error
+        raise SystemExit(2)
+    return result
+
+
+def all_gather_object(obj) -> List:
+    """``[obj of rank 0, obj of rank 1, ...]`` on every rank."""
+    dist = _dist()
+    if dist is None:
+        return [obj]
+    out: List = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def all_reduce_sum(values: Sequence[float]) -> List[float]:
+    """Element-wise sums of ``values`` over the ranks (float64)."""
+    dist = _dist()
+    if dist is None:
+        return [float(v) for v in values]
+    import torch
+
+    device = (torch.device("cuda", torch.cuda.current_device())
+              if dist.get_backend() == "nccl" else torch.device("cpu"))
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def destroy_distributed() -> None:
+    dist = _dist()
+    if dist is not None:
+        dist.destroy_process_group()

@@ -292,6 +292,28 @@ def test_frozen_backbone_gets_no_gradient_and_does_not_change(modality, fusion):
         assert not torch.equal(dict(model.named_parameters())[name], before[name])
 
 
+@pytest.mark.parametrize("use_bn", [False, True])
+@pytest.mark.parametrize("frozen", [False, True])
+@pytest.mark.parametrize("modality, fusion", LAYOUTS)
+def test_every_trainable_parameter_gets_a_gradient_and_no_other(modality, fusion, frozen, use_bn):
+    # DistributedDataParallel runs without find_unused_parameters: a trainable parameter
+    # that got no gradient would stop a torchrun job; one without requires_grad costs nothing
+    net1d = {**dataclasses.asdict(ARCHS["tiny"]), "use_bn": use_bn}
+    model = tiny_model(modality, fusion, net1d=net1d, n_covariates=2, constrain="clip")
+    model.set_bounds([-3.0] * 3, [3.0] * 3)
+    if frozen:
+        model.freeze_backbone()
+    model.train()
+    x = torch.randn(4, len(MODALITY_CHANNELS[modality]), 300)
+    model(x, torch.randn(4, 2)).square().mean().backward()
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    with_grad = {n for n, p in model.named_parameters() if p.grad is not None}
+    assert trainable == with_grad
+    unused_bn = {n for n in dict(model.named_parameters()) if ".bn" in n or "first_bn" in n}
+    if not use_bn:
+        assert unused_bn and not unused_bn & trainable
+
+
 def test_param_groups_split_backbone_head_and_decay():
     model = tiny_model(fusion="early")
     groups = {g["name"]: g for g in param_groups(model, 1e-5, 3e-4, 0.05)}

@@ -85,21 +85,59 @@ def test_dataset_zscores_each_channel_and_picks_channels(records):
 
 
 def test_zscore_of_flat_channel_is_zero():
-    x = np.stack([np.full(10, 7.0), np.arange(10.0)], axis=1)
+    x = np.stack([np.full(10, 7.0), np.arange(10.0)]).astype(np.float32)
     z = dataset.zscore(x)
-    assert np.all(z[:, 0] == 0) and z[:, 1].std() == pytest.approx(1.0)
+    assert z.dtype == np.float32 and np.all(z[0] == 0)
+    np.testing.assert_allclose(z[1], (np.arange(10) - 4.5) / np.arange(10).std(), rtol=1e-6)
 
 
-def test_cache_holds_the_same_records_and_is_reused(records, tmp_path):
+def test_zscore_stays_exact_for_a_large_offset():
+    # a float32 running sum would lose the small swing on top of a large baseline
+    rng = np.random.default_rng(1)
+    raw = 1000.0 + rng.normal(0, 0.01, 7500)
+    z = dataset.zscore(raw.astype(np.float32)[None])[0]
+    x32 = raw.astype(np.float32).astype(np.float64)
+    np.testing.assert_allclose(z, (x32 - x32.mean()) / x32.std(), atol=2e-3)
+
+
+def test_cache_holds_model_inputs_and_is_reused(records, tmp_path):
     ids = ["s0_0", "s1_0", "s2_0"]
     paths = [dataset.npz_path(records, s) for s in ids]
     cache_dir = str(tmp_path / "cache")
     cache = dataset.open_cache(cache_dir, paths, 50)
-    assert cache.shape == (3, 50, 2) and cache.dtype == np.float32
-    np.testing.assert_array_equal(cache[2], dataset.load_x(paths[2]))
+    assert cache.shape == (3, 2, 50) and cache.dtype == np.float32
+    raw = dataset.load_x(paths[2])
+    np.testing.assert_allclose(cache[2], ((raw - raw.mean(0)) / raw.std(0)).T, rtol=1e-5,
+                               atol=1e-6)
     before = sorted(os.listdir(cache_dir))
     again = dataset.open_cache(cache_dir, paths, 50)
     assert sorted(os.listdir(cache_dir)) == before and len(before) == 2
-    from_cache = dataset.BPDataset(ids, records, np.zeros((3, 1)), [0, 1], cache=again)
-    from_files = dataset.BPDataset(ids, records, np.zeros((3, 1)), [0, 1])
-    np.testing.assert_array_equal(from_cache[1][0].numpy(), from_files[1][0].numpy())
+    raw_cache = dataset.open_cache(cache_dir, paths, 50, normalize=False)
+    assert len(os.listdir(cache_dir)) == 4  # --no_zscore gets its own file
+    np.testing.assert_array_equal(raw_cache[2], raw.T)
+    del cache, again, raw_cache
+
+
+@pytest.mark.parametrize("channels", [[0, 1], [0], [1]])
+def test_cached_dataset_equals_npz_dataset_to_the_bit(records, tmp_path, channels):
+    ids = ["s0_0", "s1_0", "s2_0", "s3_0"]
+    cache = dataset.open_cache(str(tmp_path / "c"), [dataset.npz_path(records, s) for s in ids],
+                               50)
+    y = np.arange(8, dtype=np.float32).reshape(4, 2)
+    # the cached dataset sees rows 3, 1 of the cache as its records 0, 1
+    cached = dataset.CachedBPDataset(["s3_0", "s1_0"], cache, np.array([3, 1]), y[[3, 1]],
+                                     channels)
+    files = dataset.BPDataset(["s3_0", "s1_0"], records, y[[3, 1]], channels)
+    x, yb, batch_ids = cached.__getitems__([1, 0, 1])
+    assert tuple(x.shape) == (3, len(channels), 50) and batch_ids == ["s1_0", "s3_0", "s1_0"]
+    for k, i in enumerate([1, 0, 1]):
+        np.testing.assert_array_equal(x[k].numpy(), files[i][0].numpy())
+        np.testing.assert_array_equal(yb[k].numpy(), files[i][1].numpy())
+    single = cached[0]
+    assert single[2] == "s3_0" and tuple(single[0].shape) == (len(channels), 50)
+
+
+def test_shard_sampler_covers_each_index_once():
+    shards = [list(dataset.ShardSampler(10, rank, 3)) for rank in range(3)]
+    assert shards == [[0, 3, 6, 9], [1, 4, 7], [2, 5, 8]]
+    assert [len(dataset.ShardSampler(2, r, 3)) for r in range(3)] == [1, 1, 0]

@@ -69,6 +69,48 @@ def test_all_non_finite_epoch_is_a_clear_error():
         _fit(_loader(nan_rows=(0, 4, 8, 12)))
 
 
+def _one_epoch(batches, accum_steps, n=12):
+    """Params after one SGD epoch over ``batches`` (lists of record indices) and the
+    number of scheduler steps taken."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, 1, 3, generator=g)
+    y = torch.randn(n, 2, generator=g)
+    loader = DataLoader(_Records(x, y), batch_sampler=batches)
+    torch.manual_seed(0)
+    model = _Linear()
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
+    engine.train_one_epoch(model, loader, torch.nn.MSELoss(), opt, torch.device("cpu"), None,
+                           engine.make_scaler(torch.device("cpu"), None), grad_clip=0.0,
+                           epoch=1, scheduler=sched, accum_steps=accum_steps)
+    return torch.cat([p.detach().flatten() for p in model.parameters()]), sched.last_epoch
+
+
+def test_accumulated_batches_equal_one_big_batch_and_short_last_group():
+    fours = [list(range(0, 4)), list(range(4, 8)), list(range(8, 12))]
+    accumulated, steps = _one_epoch(fours, accum_steps=2)
+    big, big_steps = _one_epoch([list(range(0, 8)), list(range(8, 12))], accum_steps=1)
+    assert steps == big_steps == 2  # groups (b0, b1) and (b2): the last one is short
+    torch.testing.assert_close(accumulated, big, rtol=1e-6, atol=1e-7)
+    plain, plain_steps = _one_epoch(fours, accum_steps=1)
+    assert plain_steps == 3 and not torch.allclose(plain, big)
+
+
+def test_a_non_finite_batch_skips_its_whole_accumulation_group():
+    model, out = _fit(_loader(nan_rows=(0,)), epochs=1)
+    assert out["skipped_steps"] == 1 and out["n_records"] == 12
+    torch.manual_seed(0)
+    model = _Linear()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    out = engine.train_one_epoch(model, _loader(nan_rows=(0,)), torch.nn.MSELoss(), opt,
+                                 torch.device("cpu"), None,
+                                 engine.make_scaler(torch.device("cpu"), None), grad_clip=1.0,
+                                 epoch=1, accum_steps=2)
+    # batches (0, 1) form one step and (2, 3) another: the NaN in batch 0 costs 8 records
+    assert out["skipped_steps"] == 1 and out["n_records"] == 8
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
 def test_evaluate_returns_mmhg_in_loader_order():
     model = _Linear()
     loader = _loader(n=6)
@@ -82,6 +124,22 @@ def test_evaluate_returns_mmhg_in_loader_order():
     np.testing.assert_allclose(out["y_true"], loader.dataset.y.numpy() * std + mean, rtol=1e-6)
     assert out["loss"] == pytest.approx(torch.nn.functional.mse_loss(model(x), loader.dataset.y).item(),
                                         rel=1e-5)
+
+
+def test_gather_evaluation_joins_shards_in_split_order(monkeypatch):
+    shard = lambda ids, loss: {"loss": loss, "n": len(ids), "ids": ids,  # noqa: E731
+                               "y_true": np.array([[float(i[1:])] for i in ids]),
+                               "y_pred": np.array([[10.0 * float(i[1:])] for i in ids])}
+    parts = [shard(["r0", "r2", "r4"], 1.0), shard(["r1", "r3"], 2.0)]
+    monkeypatch.setattr(engine, "all_gather_object", lambda result: parts)
+    out = engine.gather_evaluation(parts[0], ["r0", "r1", "r2", "r3", "r4"])
+    assert out["ids"] == ["r0", "r1", "r2", "r3", "r4"] and out["n"] == 5
+    np.testing.assert_array_equal(out["y_true"][:, 0], [0, 1, 2, 3, 4])
+    np.testing.assert_array_equal(out["y_pred"][:, 0], [0, 10, 20, 30, 40])
+    assert out["loss"] == pytest.approx((3 * 1.0 + 2 * 2.0) / 5)
+    parts[1] = shard(["r1", "r2"], 2.0)  # r2 twice and r3 never: a sampler that pads
+    with pytest.raises(RuntimeError, match="exactly once"):
+        engine.gather_evaluation(parts[0], ["r0", "r1", "r2", "r3", "r4"])
 
 
 def test_predictions_frame_has_contract_columns(tmp_path):

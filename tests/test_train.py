@@ -13,6 +13,8 @@ import pandas as pd
 import pytest
 import torch
 
+import backbones
+import dataset
 import make_synthetic_cohort
 import prepare_kailuan_npz
 import train_bp
@@ -159,6 +161,32 @@ def test_kill_and_resume_ends_with_the_same_metrics(cohort, tmp_path):
     assert open(straight / "test_predictions.csv").read() == open(killed / "test_predictions.csv").read()
 
 
+def test_cache_dir_gives_the_same_numbers_as_the_npz_files(run, cohort, tmp_path):
+    cached = tmp_path / "cached"
+    train_bp.main(train_argv(cohort, cached, "--cache_dir", str(tmp_path / "cache")))
+    assert len(list((tmp_path / "cache").glob("records_*.npy"))) == 1
+    for name in ("final_metrics.json", "test_predictions.csv", "val_predictions.csv"):
+        assert open(os.path.join(run, name)).read() == (cached / name).read_text(), name
+
+
+def test_compiled_run_saves_plain_keys_and_predicts_like_eager(run, cohort, tmp_path):
+    compiled = tmp_path / "compiled"
+    train_bp.main(train_argv(cohort, compiled, "--epochs", "1", "--compile"))
+    ckpt = torch.load(compiled / "bp_best.pth", weights_only=True)
+    eager = torch.load(os.path.join(run, "bp_best.pth"), weights_only=True)
+    assert list(ckpt["model"]) == list(eager["model"])  # no _orig_mod. prefix
+    model = backbones.build_bp_model(ckpt["model_config"])
+    model.load_state_dict(ckpt["model"])
+    model.eval()
+    test = pd.read_csv(compiled / "test_predictions.csv", dtype={"ssoid": str})
+    x = torch.stack([dataset.BPDataset([s], cohort["npz"], np.zeros((1, 0)), [0, 1])[0][0]
+                     for s in test["ssoid"]])
+    with torch.no_grad():
+        pred = model(x).double().numpy() * ckpt["target_std"] + ckpt["target_mean"]
+    for k, t in enumerate(TARGETS):
+        np.testing.assert_allclose(test[f"{t}_pred"], pred[:, k], rtol=0, atol=1e-3)
+
+
 def _cli(argv):
     result = subprocess.run([sys.executable, os.path.join(ROOT, "train_bp.py"), *argv],
                             cwd=ROOT, capture_output=True, text=True)
@@ -196,6 +224,7 @@ BAD_INPUTS = {
                                   "is not a readable PyTorch checkpoint"),
     "no cuda": (lambda c, t: {"--device": ["cuda"]}, "--device cuda"),
     "zero epochs": (lambda c, t: {"--epochs": ["0"]}, "--epochs must be at least 1"),
+    "zero accum steps": (lambda c, t: {"--accum_steps": ["0"]}, "--accum_steps must be at least 1"),
 }
 
 

@@ -82,3 +82,46 @@ def test_load_checkpoint_allows_numpy_scalars_and_refuses_objects(tmp_path):
         utils.load_checkpoint(junk)
     with pytest.raises(utils.UserError, match="no such file"):
         utils.load_checkpoint(str(tmp_path / "missing.pth"))
+
+
+def test_dist_env_reads_torchrun_variables(monkeypatch):
+    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    assert utils.dist_env() == utils.DistInfo(0, 0, 1) and not utils.dist_env().enabled
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    info = utils.dist_env()
+    assert (info.rank, info.local_rank, info.world_size) == (3, 1, 4)
+    assert info.enabled and not info.is_main
+
+
+@pytest.mark.parametrize("env, fragment", [
+    ({"RANK": "0"}, "must all be set to integers"),
+    ({"RANK": "x", "LOCAL_RANK": "0", "WORLD_SIZE": "2"}, "must all be set to integers"),
+    ({"RANK": "2", "LOCAL_RANK": "0", "WORLD_SIZE": "2"}, "do not fit together"),
+])
+def test_dist_env_rejects_an_inconsistent_environment(monkeypatch, env, fragment):
+    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(utils.UserError, match=fragment):
+        utils.dist_env()
+
+
+def test_collectives_are_the_identity_without_a_process_group():
+    assert utils.broadcast_object({"a": 1}) == {"a": 1}
+    assert utils.all_gather_object(5) == [5]
+    assert utils.all_reduce_sum([1, 2.5]) == [1.0, 2.5]
+    utils.barrier()
+
+
+def test_run_on_rank0_returns_the_result_or_raises_the_user_error():
+    assert utils.run_on_rank0(lambda: 41 + 1, utils.DistInfo()) == 42
+
+    def fail():
+        raise utils.UserError("bad input")
+
+    with pytest.raises(utils.UserError, match="bad input"):
+        utils.run_on_rank0(fail, utils.DistInfo())
