@@ -142,6 +142,10 @@ def parse_args(argv: Optional[Sequence[str]]):
         (0 <= args.dropout < 1, "--dropout must be in [0, 1)"),
         (args.warmup_epochs >= 0, "--warmup_epochs must be 0 or more"),
         (len(set(args.target_cols)) == len(args.target_cols), "--target_cols names a column twice"),
+        (args.val_ratio > 0, "--val_ratio must be above 0: the best epoch is chosen on the "
+                             "validation split"),
+        (args.test_ratio > 0, "--test_ratio must be above 0: final_metrics.json reports the "
+                              "test split"),
     ]
     for ok, message in checks:
         if not ok:

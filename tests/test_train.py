@@ -224,6 +224,9 @@ BAD_INPUTS = {
                                   "is not a readable PyTorch checkpoint"),
     "no cuda": (lambda c, t: {"--device": ["cuda"]}, "--device cuda"),
     "zero epochs": (lambda c, t: {"--epochs": ["0"]}, "--epochs must be at least 1"),
+    "no validation split": (lambda c, t: {"--val_ratio": ["0"]},
+                            "--val_ratio must be above 0"),
+    "no test split": (lambda c, t: {"--test_ratio": ["0"]}, "--test_ratio must be above 0"),
     "zero accum steps": (lambda c, t: {"--accum_steps": ["0"]}, "--accum_steps must be at least 1"),
 }
 
