@@ -6,9 +6,13 @@
 For each arch it times the ECG-only model and then the PPG-only and ECG+PPG (late, mid,
 early) models, one training step being forward + backward of a mean-squared loss (no
 optimiser step), on random input of ``--length`` samples. FLOPs per record (forward +
-backward, convolutions and matmuls) come from ``torch.utils.flop_counter.FlopCounterMode``,
-so ``TFLOP/s`` = FLOPs/record x records/s is the achieved rate. ``vs ecg`` is the
-throughput relative to the same arch's ECG-only model, measured in the same run.
+backward, convolutions and matmuls) are 3 x the forward FLOPs that
+``torch.utils.flop_counter.FlopCounterMode`` counts (a backward runs two products of a
+forward's size: the input and the weight gradients), so ``TFLOP/s`` = FLOPs/record x
+records/s is the achieved rate. The counter is not asked for the backward itself: it
+ignores ``groups`` in ``convolution_backward`` (torch 2.13: 65x too many for a 64-group
+conv), which would triple Net1D's total. ``vs ecg`` is the throughput relative to the
+same arch's ECG-only model, measured in the same run.
 """
 from __future__ import annotations
 
@@ -55,10 +59,11 @@ def train_step(model: torch.nn.Module, x: torch.Tensor, device: torch.device) ->
 
 def flops_per_record(model: torch.nn.Module, n_channels: int, length: int,
                      device: torch.device) -> float:
+    """Forward + backward FLOPs of one record: 3 x the counted forward (see above)."""
     x = torch.randn(1, n_channels, length, device=device)
-    with FlopCounterMode(display=False) as counter:
-        train_step(model, x, device)
-    return float(counter.get_total_flops())
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(x)
+    return 3.0 * float(counter.get_total_flops())
 
 
 def records_per_second(model: torch.nn.Module, x: torch.Tensor, device: torch.device,

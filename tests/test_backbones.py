@@ -493,3 +493,4 @@ def test_file_needing_unpickling_needs_the_trust_flag(tmp_path):
         load_pretrained(tiny_model(), path)
     report = load_pretrained(tiny_model(), path, trust=True, verbose=False)
     assert report["encoders"]["ecg"]["loaded"] == 157
+
