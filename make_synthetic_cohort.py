@@ -7,8 +7,8 @@ Layout written (same seed and flags give a byte-identical file):
 - ``metadata/``: ``new_id`` (``<uid>_<k>`` with k = 1..K, as fixed-length bytes or variable-length
   str; with ``--id_type int`` it is ``uid * 100 + k`` and the subject is only given by ``uid``, so
   prepare with ``--subject_key uid``), ``uid`` (int64, 100001 + subject index), ``name``, ``age``
-  (years), ``sex`` (1 male, 0 female) and the eight BP labels ``{right,left}_arm_{sbp,mbp,dbp,pp}``
-  (float32, mmHg).
+  (years), ``sex`` (1 male, 0 female), ``bmi`` (kg/m2, float32) and the eight BP labels
+  ``{right,left}_arm_{sbp,mbp,dbp,pp}`` (float32, mmHg).
 - ``signals/ecg`` (N, 3630) and ``signals/ppg`` (N, 4230) over the same ``--duration_s`` (default
   15 s, i.e. 242 Hz and 282 Hz); float32 or float64; with ``--vlen`` variable-length rows whose
   durations are 27/30 .. 30/30 of ``--duration_s`` (lengths 121*a and 141*a, a = 27..30).
@@ -24,18 +24,23 @@ stiffer arteries (dicrotic notch between them), a diastolic run-off, respiratory
 amplitude modulation, and noise.
 
 Ground truth (right arm; L = ln(PAT / 250 ms), HR in bpm, age in years, s = arterial stiffness
-in [0.05, 0.95], sex 1/0, u = per-subject offset, e = per-record noise):
-    SBP = 125 - 60 L + 0.30 (HR - 70) + 0.25 (age - 55) + 10 (s - 0.45) + 3 sex + u_s + e_s
-    DBP =  78 - 30 L + 0.35 (HR - 70) + 0.05 (age - 55) -  4 (s - 0.45) + 2 sex + u_d + e_d
+in [0.05, 0.95], sex 1/0, BMI in kg/m2, u = per-subject offset, e = per-record noise):
+    SBP = 125 - 60 L + 0.30 (HR - 70) + 0.45 (age - 55) + 10 (s - 0.45) + 5 sex
+          + 1.5 (BMI - 25) + u_s + e_s
+    DBP =  78 - 30 L + 0.35 (HR - 70) + 0.15 (age - 55) -  4 (s - 0.45) + 3 sex
+          + 0.8 (BMI - 25) + u_d + e_d
 with u_s ~ N(0, 2.5), u_d = 0.5 u_s + N(0, 1.5), e_s, e_d ~ N(0, 1.5); SBP and DBP are rounded to
 whole mmHg and clipped to [85, 210] and [45, 125] with SBP - DBP >= 15; PP = SBP - DBP;
 MBP = DBP + PP / 3 + N(0, 1), to 0.1 mmHg. The left arm adds a per-subject difference
 (N(0, 3) SBP, N(0, 2) DBP) plus N(0, 1.5) per record. Per record, ln(PAT / 250 ms) ~ N(m, 0.12)
 around a subject mean m ~ N(0, 0.16), PAT kept in 150-400 ms; HR ~ N(h, 5) around h ~ N(70, 7),
 kept in 45-120 bpm; s = 0.45 + 0.012 (age - 55) + N(0, 0.08) per subject + N(0, 0.04) per
-record. PAT is visible only in the ECG-to-PPG timing and carries most of the variance (SD about
-12 of 14 mmHg of SBP); HR and s are visible in the signals; age and sex are metadata (s also
-reflects age); u and e can't be learnt (SD about 2.9 mmHg of SBP together).
+record; age ~ N(55, 11) in 25-90, 70 % men, BMI ~ N(25, 3.5) in 16-42, independent of the rest.
+Each source of information has its own share of SBP's SD of about 15 mmHg: PAT, visible only
+in the ECG-to-PPG timing, about 12; age, sex and BMI, which are metadata only (s also reflects
+age), about 8 together; HR and s are visible in the signals; u and e can't be learnt (SD about
+2.9 together). So a model of the signals alone, of the covariates alone and of both should
+rank in that order, each above the train mean.
 
 Faults (for tests; disjoint rows, drawn with the seed): ``--n_nan``/``--n_inf`` put NaN/Inf
 into the ECG or the PPG (alternately), ``--n_flat`` makes a row constant, ``--n_duplicate`` gives
@@ -61,10 +66,10 @@ ID_TYPES = ("bytes", "str", "int")
 UNSAFE_IDS = ["../x", "a/b", "..", "", "a\\b", "/abs", ".hidden", "-flag", "x" * 300, "a b"]
 PAT_REF_MS = 250.0
 BP_MODEL = {  # coefficients of the module docstring's formula, also stored in the file
-    "sbp": {"base": 125.0, "ln_pat": -60.0, "hr": 0.30, "age": 0.25, "stiffness": 10.0,
-            "sex": 3.0},
-    "dbp": {"base": 78.0, "ln_pat": -30.0, "hr": 0.35, "age": 0.05, "stiffness": -4.0,
-            "sex": 2.0},
+    "sbp": {"base": 125.0, "ln_pat": -60.0, "hr": 0.30, "age": 0.45, "stiffness": 10.0,
+            "sex": 5.0, "bmi": 1.5},
+    "dbp": {"base": 78.0, "ln_pat": -30.0, "hr": 0.35, "age": 0.15, "stiffness": -4.0,
+            "sex": 3.0, "bmi": 0.8},
 }
 
 
@@ -83,6 +88,7 @@ def draw_subjects(rng: np.random.Generator, n: int) -> Dict[str, np.ndarray]:
         "r_amp": rng.uniform(0.7, 1.5, n), "t_amp": rng.uniform(0.15, 0.35, n),
         "p_amp": rng.uniform(0.08, 0.15, n), "qrs_width": rng.uniform(0.85, 1.2, n),
         "ppg_amp": rng.uniform(0.5, 2.0, n), "ppg_offset": rng.uniform(-1, 1, n),
+        "bmi": np.round(np.clip(rng.normal(25, 3.5, n), 16, 42), 1),
     }
 
 
@@ -117,7 +123,8 @@ def bp_labels(rec: Dict[str, np.ndarray], subj: Dict[str, np.ndarray],
     """The eight BP fields from the ground-truth formula of the module docstring."""
     feats = {"base": 1.0, "ln_pat": np.log(rec["pat"] * 1000 / PAT_REF_MS),
              "hr": rec["hr"] - 70, "age": subj["age"][s_idx] - 55,
-             "stiffness": rec["stiffness"] - 0.45, "sex": subj["sex"][s_idx]}
+             "stiffness": rec["stiffness"] - 0.45, "sex": subj["sex"][s_idx],
+             "bmi": subj["bmi"][s_idx] - 25}
     sbp, dbp = (sum(c * feats[k] for k, c in BP_MODEL[bp].items())
                 + subj[f"u_{bp}"][s_idx] + rec[f"e_{bp}"] for bp in ("sbp", "dbp"))
     right = _arm(sbp, dbp, rec["e_mbp"][0])
@@ -387,6 +394,7 @@ def make_cohort(path: str, n_subjects: int = 40, records_per_subject: int = 3, s
         f.create_dataset("metadata/uid", data=subj["uid"][s_idx])
         f.create_dataset("metadata/age", data=subj["age"][s_idx].astype(np.int64))
         f.create_dataset("metadata/sex", data=subj["sex"][s_idx])
+        f.create_dataset("metadata/bmi", data=subj["bmi"][s_idx].astype(np.float32))
         _create_datasets(f, n, vlen, dtype)
         for a in range(0, n, CHUNK):
             _write_chunk(f, a, min(a + CHUNK, n), subj, plan, seed, duration_s, vlen,
