@@ -21,14 +21,16 @@ Net1D
 
 BPModel (``build_bp_model``)
     One Net1D per modality in use (``encoders["ecg"]``, ``encoders["ppg"]``), or for
-    ``fusion="early"`` one two-channel Net1D (``encoders["both"]``). Fusion of ECG+PPG:
+    ``fusion="early"`` one two-channel Net1D (``encoders["both"]``), or none for
+    ``modality="none"`` (covariates only: the head alone). Fusion of ECG+PPG:
     - ``late``: each encoder pooled over time, the pooled features concatenated;
     - ``mid``: the two time-resolved maps concatenated and passed through a small temporal
       conv block (``fusion``), whose pooled output joins the late features, so the model
       can see the ECG-to-PPG timing (pulse arrival time) and starts no worse than ``late``;
     - ``early``: one Net1D reads both channels from the first conv on.
-    The head (LayerNorm, MLP, last layer zero-initialised so training starts at the train
-    mean) works in normalised target units. ``--constrain`` bounds every output to
+    The head (LayerNorm of the pooled features, the ``n_covariates`` encoded covariates
+    appended, MLP, last layer zero-initialised so training starts at the train mean) works
+    in normalised target units. ``--constrain`` bounds every output to
     ``[y_lo, y_hi]`` (buffers, normalised units, set with ``set_bounds``):
     - ``clip``: hard clamp forward, straight-through gradient (identity), so an output
       pinned at a bound still moves when the loss pulls it back inside;
@@ -69,7 +71,9 @@ import torch.nn.functional as F
 
 from utils import UserError, load_checkpoint
 
-MODALITY_CHANNELS: Dict[str, Tuple[int, ...]] = {"ecg": (0,), "ppg": (1,), "both": (0, 1)}
+# "none": a covariates-only model (no encoder), the signal-free reference
+MODALITY_CHANNELS: Dict[str, Tuple[int, ...]] = {"ecg": (0,), "ppg": (1,), "both": (0, 1),
+                                                 "none": ()}
 FUSIONS = ("late", "mid", "early")
 # The synthetic pulse-arrival-time prototype: one encoder over both channels reached
 # 2.71 mmHg MAE where late fusion stayed at the train-mean baseline (10.8).
@@ -308,6 +312,8 @@ def normalise_config(cfg: Union[BPModelConfig, Mapping]) -> BPModelConfig:
     _choice(cfg.modality, tuple(MODALITY_CHANNELS), "--modality")
     _choice(cfg.constrain, CONSTRAINTS, "--constrain")
     fusion = _choice(cfg.fusion, FUSIONS, "--fusion") if cfg.modality == "both" else "none"
+    if cfg.modality == "none" and cfg.n_covariates < 1:
+        raise UserError("--modality none is a covariates-only model: give --covariates")
     if cfg.net1d is None:
         net1d = dataclasses.asdict(ARCHS[_choice(cfg.arch, tuple(ARCHS), "--arch")])
     else:
@@ -340,7 +346,8 @@ class RegressionHead(nn.Module):
     def __init__(self, in_features: int, n_covariates: int, hidden: int, n_targets: int,
                  dropout: float):
         super().__init__()
-        self.norm = nn.LayerNorm(in_features)
+        # a covariates-only model has no pooled features to normalise
+        self.norm = nn.LayerNorm(in_features) if in_features else nn.Identity()
         width = in_features + n_covariates
         layers: List[nn.Module] = []
         if hidden:
@@ -394,10 +401,10 @@ class BPModel(nn.Module):
         self.config = cfg
         enc_cfg = Net1DConfig(**cfg.net1d)
         if cfg.fusion == "early":
-            names = ("both",)
+            names: Tuple[str, ...] = ("both",)
             enc_cfg = dataclasses.replace(enc_cfg, in_channels=2, n_classes=0)
         else:
-            names = ("ecg", "ppg") if cfg.modality == "both" else (cfg.modality,)
+            names = {"both": ("ecg", "ppg"), "none": ()}.get(cfg.modality, (cfg.modality,))
             enc_cfg = dataclasses.replace(enc_cfg, in_channels=1, n_classes=0)
         self.encoders = nn.ModuleDict({n: Net1D(enc_cfg) for n in names})
         width = enc_cfg.filter_list[-1]
@@ -453,6 +460,8 @@ class BPModel(nn.Module):
     # ------------------------------------------------------------------ forward
     def pooled_features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, L) -> (B, n_features): what the head reads (before covariates)."""
+        if not self.encoders:
+            return x.new_zeros((x.shape[0], 0))
         if self.config.fusion == "early":
             return self.encoders["both"].features(x)
         maps = [enc.feature_map(x[:, i:i + 1]) for i, enc in enumerate(self.encoders.values())]
@@ -462,10 +471,14 @@ class BPModel(nn.Module):
         return torch.cat(pooled, dim=1)
 
     def forward(self, x: torch.Tensor, cov: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``cov`` (B, n_covariates); a (B, 0) tensor counts as none. With modality
+        ``none`` x is only a (B, 0, L) placeholder."""
         n_channels = len(MODALITY_CHANNELS[self.config.modality])
         if x.dim() != 3 or x.shape[1] != n_channels:
             raise ValueError(f"modality {self.config.modality} needs x of shape "
                              f"(B, {n_channels}, L), got {tuple(x.shape)}")
+        if cov is not None and cov.shape[-1] == 0:
+            cov = None
         if (cov is None) != (self.config.n_covariates == 0):
             raise ValueError(f"the model takes {self.config.n_covariates} covariates; "
                              f"cov is {'missing' if cov is None else 'unexpected'}")

@@ -13,6 +13,11 @@ a whole batch with one sorted fancy index (``__getitems__``): a copy from the pa
 cache, with no decompression and no per-record Python work, so it runs in the training
 process itself (worker processes would only add inter-process copies).
 
+Covariates (``--covariates``): columns of the labels CSV (or the cohort's metadata) that
+the head reads beside the signals. ``fit_covariates`` learns an encoding from the train
+split only and ``encode_covariates`` applies it (see ``fit_covariates`` for the rules);
+the encoding is plain data stored in the checkpoint, so prediction encodes alike.
+
 Samplers for distributed runs: training uses ``torch``'s ``DistributedSampler``
 (reshuffled per epoch); evaluation uses ``ShardSampler``, which gives every record to
 exactly one rank, with no padding duplicates.
@@ -80,6 +85,130 @@ def usable_rows(labels: pd.DataFrame, npz_dir: str,
                         f"has both an npz file in {npz_dir} and all of "
                         f"{', '.join(target_cols)}")
     return rows, {k: v for k, v in dropped.items() if v}
+
+
+# ----------------------------------------------------------------------------- covariates
+MAX_LEVELS = 10  # more distinct text values than this is an identifier, not a category
+
+
+def _level(value) -> Optional[str]:
+    """A categorical value as text (``None`` when missing): numbers without a trailing
+    ``.0``, text stripped and lower-cased, so ``1``/``1.0`` and ``M``/``m `` agree."""
+    if value is None or (isinstance(value, (float, np.floating)) and np.isnan(value)):
+        return None
+    if isinstance(value, (bool, np.bool_)):
+        return str(bool(value)).lower()
+    if isinstance(value, (int, float, np.integer, np.floating)):
+        return str(int(value)) if float(value).is_integer() else repr(float(value))
+    text = str(value).strip().lower()
+    return text or None
+
+
+def _sorted_levels(levels) -> List[str]:
+    """Numbers in numeric order, else text in alphabetical order."""
+    try:
+        return sorted(levels, key=float)
+    except ValueError:
+        return sorted(levels)
+
+
+def fit_covariates(train: pd.DataFrame, columns: Sequence[str], source: str) -> List[dict]:
+    """One encoding spec per column, from the train-split rows ``train`` alone.
+
+    - numeric with more than two distinct values: standardised with the train mean and SD;
+      a missing value becomes the train median;
+    - two-valued (numbers such as 0/1 or 1/2, text such as M/F or male/female, any case) or
+      text with at most ``MAX_LEVELS`` values: one 0/1 input per level but the first (levels
+      sorted, so ``sex=m`` for M/F); a missing value becomes the most frequent train level;
+    - a ``<col>_missing`` 0/1 input when the train split has a missing value in the column
+      (an input that never varies in training would keep its random weight);
+    - a level never seen in training is treated as missing.
+    ``UserError`` (naming ``source`` and the column) for a column with no train values, a
+    constant one, or text with too many values (an identifier such as ``name``).
+    """
+    specs = []
+    for col in columns:
+        values = train[col]
+        text = values.map(_level)
+        present = text.notna()
+        where = f"{source}: covariate {col}"
+        if not present.any():
+            raise UserError(f"{where} has no value in the train split")
+        numeric = (pd.api.types.is_numeric_dtype(values)
+                   and not pd.api.types.is_bool_dtype(values))
+        levels = _sorted_levels(set(text[present]))
+        if len(levels) < 2:
+            raise UserError(f"{where} is constant in the train split ({levels[0]}): it cannot "
+                            f"inform the model")
+        missing = bool((~present).any())
+        if numeric and len(levels) > 2:
+            observed = values[present].to_numpy(np.float64)
+            specs.append({"name": col, "kind": "numeric", "mean": float(observed.mean()),
+                          "std": float(observed.std()), "fill": float(np.median(observed)),
+                          "missing_indicator": missing})
+            continue
+        if len(levels) > MAX_LEVELS:
+            raise UserError(f"{where} has {len(levels)} distinct text values in the train "
+                            f"split; a covariate must be numeric or have at most {MAX_LEVELS} "
+                            f"categories (an identifier such as a name is not usable)")
+        counts = text[present].value_counts()
+        fill = min(counts.index[counts == counts.max()], key=levels.index)
+        specs.append({"name": col, "kind": "categorical", "levels": levels, "fill": fill,
+                      "missing_indicator": missing})
+    return specs
+
+
+def covariate_names(specs: Sequence[dict]) -> List[str]:
+    """The model's covariate inputs, in order (``age``, ``sex=1``, ``age_missing``, ...)."""
+    names = []
+    for spec in specs:
+        if spec["kind"] == "numeric":
+            names.append(spec["name"])
+        else:
+            names += [f"{spec['name']}={level}" for level in spec["levels"][1:]]
+        if spec["missing_indicator"]:
+            names.append(f"{spec['name']}_missing")
+    return names
+
+
+def encode_covariates(frame: pd.DataFrame, specs: Sequence[dict]) -> Tuple[np.ndarray, Dict[str, int]]:
+    """(N, len(covariate_names(specs))) float32 inputs of the rows of ``frame``, and per
+    column the number of values that were missing or of a level unseen in training."""
+    blocks, filled = [], {}
+    for spec in specs:
+        values = frame[spec["name"]]
+        text = [_level(v) for v in values]
+        if spec["kind"] == "numeric":
+            numbers = pd.to_numeric(values, errors="coerce").to_numpy(np.float64)
+            absent = np.isnan(numbers) | np.array([t is None for t in text])
+            numbers = np.where(absent, spec["fill"], numbers)
+            block = ((numbers - spec["mean"]) / spec["std"])[:, None]
+        else:
+            absent = np.array([t not in spec["levels"] for t in text])
+            chosen = [spec["fill"] if a else t for t, a in zip(text, absent)]
+            block = np.array([[c == level for level in spec["levels"][1:]] for c in chosen],
+                             dtype=np.float64).reshape(len(frame), -1)
+        if spec["missing_indicator"]:
+            block = np.concatenate([block, absent[:, None].astype(np.float64)], axis=1)
+        blocks.append(block)
+        filled[spec["name"]] = int(absent.sum())
+    out = np.concatenate(blocks, axis=1) if blocks else np.zeros((len(frame), 0))
+    return out.astype(np.float32), filled
+
+
+def describe_covariates(specs: Sequence[dict]) -> str:
+    """One line per column: how it is encoded (printed at the start of training)."""
+    lines = []
+    for spec in specs:
+        if spec["kind"] == "numeric":
+            how = (f"numeric, train mean {spec['mean']:.4g} SD {spec['std']:.4g}, "
+                   f"missing -> median {spec['fill']:.4g}")
+        else:
+            how = (f"categorical {'/'.join(spec['levels'])} (reference {spec['levels'][0]}), "
+                   f"missing -> {spec['fill']}")
+        indicator = ", with a missing-indicator input" if spec["missing_indicator"] else ""
+        lines.append(f"  {spec['name']}: {how}{indicator}")
+    return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------- npz checks
@@ -194,20 +323,29 @@ def open_cache(cache_dir: str, paths: Sequence[str], length: int,
 
 
 # ----------------------------------------------------------------------------- datasets
-class BPDataset(Dataset):
-    """(x (C, L) float32, y (T,) float32 normalised targets, ssoid) per record, read
-    from ``<npz_dir>/<ssoid>.npz``.
+def _no_covariates(n: int) -> np.ndarray:
+    return np.zeros((n, 0), dtype=np.float32)
 
-    ``channels`` picks the npz columns the model reads (0 = ECG, 1 = PPG), in order.
+
+class BPDataset(Dataset):
+    """(x (C, L) float32, covariates (K,) float32, y (T,) float32 normalised targets, ssoid)
+    per record, read from ``<npz_dir>/<ssoid>.npz``.
+
+    ``channels`` picks the npz columns the model reads (0 = ECG, 1 = PPG), in order; with
+    none (a covariates-only model) no file is read and x is an empty (0, 0) placeholder.
+    ``covariates`` (N, K) are the encoded inputs (``encode_covariates``); none gives K = 0.
     """
 
     def __init__(self, ids: Sequence[str], npz_dir: str, targets: np.ndarray,
-                 channels: Sequence[int], normalize: bool = True):
-        if len(targets) != len(ids):
-            raise ValueError("ids and targets must have the same length")
+                 channels: Sequence[int], normalize: bool = True,
+                 covariates: Optional[np.ndarray] = None):
+        covariates = _no_covariates(len(ids)) if covariates is None else covariates
+        if not len(targets) == len(ids) == len(covariates):
+            raise ValueError("ids, targets and covariates must have the same length")
         self.ids = [str(s) for s in ids]
         self.npz_dir = npz_dir
         self.targets = np.asarray(targets, dtype=np.float32)
+        self.covariates = np.asarray(covariates, dtype=np.float32)
         self.channels = list(channels)
         self.normalize = normalize
 
@@ -215,40 +353,47 @@ class BPDataset(Dataset):
         return len(self.ids)
 
     def __getitem__(self, index: int):
-        x = load_x(npz_path(self.npz_dir, self.ids[index]))
-        return (torch.from_numpy(model_input(x, self.channels, self.normalize)),
+        if self.channels:
+            x = load_x(npz_path(self.npz_dir, self.ids[index]))
+            x = torch.from_numpy(model_input(x, self.channels, self.normalize))
+        else:
+            x = torch.zeros((0, 0))
+        return (x, torch.from_numpy(self.covariates[index]),
                 torch.from_numpy(self.targets[index]), self.ids[index])
 
 
 class CachedBPDataset(Dataset):
     """``BPDataset``'s samples read from rows ``rows`` of an ``open_cache`` array.
 
-    ``__getitems__`` returns a whole batch ``(x (B, C, L), y (B, T), ids)``; a DataLoader
-    over it needs ``collate_fn=CachedBPDataset.collate`` (which passes the batch through).
+    ``__getitems__`` returns a whole batch ``(x (B, C, L), covariates (B, K), y (B, T),
+    ids)``; a DataLoader over it needs ``collate_fn=CachedBPDataset.collate`` (which passes
+    the batch through).
     """
 
     def __init__(self, ids: Sequence[str], cache: np.ndarray, rows: np.ndarray,
-                 targets: np.ndarray, channels: Sequence[int]):
-        if not len(ids) == len(rows) == len(targets):
-            raise ValueError("ids, rows and targets must have the same length")
+                 targets: np.ndarray, channels: Sequence[int],
+                 covariates: Optional[np.ndarray] = None):
+        covariates = _no_covariates(len(ids)) if covariates is None else covariates
+        if not len(ids) == len(rows) == len(targets) == len(covariates):
+            raise ValueError("ids, rows, targets and covariates must have the same length")
         self.ids = [str(s) for s in ids]
         self.cache = cache
         self.rows = np.asarray(rows, dtype=np.int64)
         self.targets = torch.from_numpy(np.asarray(targets, dtype=np.float32))
+        self.covariates = torch.from_numpy(np.asarray(covariates, dtype=np.float32))
         self.channels = list(channels)
 
     def __len__(self) -> int:
         return len(self.ids)
 
     def __getitem__(self, index: int):
-        x, y, ids = self.__getitems__([index])
-        return x[0], y[0], ids[0]
+        return tuple(part[0] for part in self.__getitems__([index]))
 
     def __getitems__(self, indices: Sequence[int]):
         indices = np.asarray(indices, dtype=np.int64)
         # one advanced index picks rows and channels in a single copy (B, C, L)
         x = self.cache[self.rows[indices][:, None], self.channels]
-        return (torch.from_numpy(x), self.targets[indices],
+        return (torch.from_numpy(x), self.covariates[indices], self.targets[indices],
                 [self.ids[i] for i in indices])
 
     @staticmethod

@@ -2,7 +2,9 @@
 non-finite guard, and turning model outputs back into mmHg.
 
 ``train_one_epoch`` and ``evaluate`` take explicit values (model, loader, loss,
-device, AMP dtype, ...), never the CLI namespace, and return plain dicts.
+device, AMP dtype, ...), never the CLI namespace, and return plain dicts. Batches are
+``(x, covariates, y, ids)`` (``dataset.BPDataset``); the model is called as
+``model(x, covariates)``, with a (B, 0) covariates tensor when there are none.
 
 Distributed runs: ``train_one_epoch`` takes the DistributedDataParallel-wrapped model
 and skips the gradient all-reduce on every micro-batch but the last of an accumulation
@@ -105,18 +107,17 @@ def train_one_epoch(model: torch.nn.Module, loader, loss_fn, optimizer, device: 
     n_batches = len(loader)
     start = time.perf_counter()
     bar = progress(loader, desc=f"epoch {epoch} train", unit="batch", leave=False)
-    for i, (x, y, _) in enumerate(bar):
+    for i, (x, cov, y, _) in enumerate(bar):
         group_start = i - i % accum_steps
         group = min(accum_steps, n_batches - group_start)  # the last group may be short
         last = i + 1 == group_start + group
-        x = x.to(device, non_blocking=True)
-        y = y.to(device, non_blocking=True)
+        x, cov, y = (t.to(device, non_blocking=True) for t in (x, cov, y))
         # DDP all-reduces the gradients only on the last micro-batch of a group
         sync = model.no_sync() if not last and hasattr(model, "no_sync") \
             else contextlib.nullcontext()
         with sync:
             with autocast(device, amp_dtype):
-                pred = model(x)
+                pred = model(x, cov)
             loss = loss_fn(pred.float(), y)
             value = loss.item()
             if not math.isfinite(value):
@@ -160,11 +161,10 @@ def evaluate(model: torch.nn.Module, loader, loss_fn, device: torch.device,
     model.eval()
     ids, truths, preds = [], [], []
     total, n = 0.0, 0
-    for x, y, batch_ids in progress(loader, desc=desc, unit="batch", leave=False):
-        x = x.to(device, non_blocking=True)
-        y = y.to(device, non_blocking=True)
+    for x, cov, y, batch_ids in progress(loader, desc=desc, unit="batch", leave=False):
+        x, cov, y = (t.to(device, non_blocking=True) for t in (x, cov, y))
         with autocast(device, amp_dtype):
-            pred = model(x)
+            pred = model(x, cov)
         pred = pred.float()
         total += loss_fn(pred, y).item() * len(x)
         n += len(x)

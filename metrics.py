@@ -9,7 +9,12 @@ Errors are e = pred - true in mmHg. Per target:
   |ME| <= 5 and SD <= 8), ``ieee1708_grade`` (IEEE 1708 MAE classes);
 - per split (``split_metrics``): ``mae_ci95``, a 95 % bootstrap interval of the MAE that
   resamples subjects, and ``mase``, the MAE relative to the constant train-mean predictor,
-  whose own metrics form the ``baseline`` block.
+  whose own metrics form the ``baseline`` block;
+- with covariates, the ``covariate_baseline`` block: the same metrics for a ridge
+  regression of each target on the encoded covariates, fitted on the train split alone
+  (``fit_ridge``), and ``model_mae_diff`` = model MAE - ridge MAE with its paired
+  subject-bootstrap interval: an interval below 0 says the waveforms add something beyond
+  the covariates.
 
 Edges are inclusive: an error of exactly 5 mmHg is within 5, a share of exactly 60 %
 meets a 60 % threshold, an MAE of exactly 5 mmHg is IEEE grade A. A tolerance far below
@@ -32,6 +37,7 @@ AAMI_MAX_ABS_ME, AAMI_MAX_SD = 5.0, 8.0
 MMHG_TOL = 1e-6     # added to every mmHg limit: float noise, not a clinical margin
 SHARE_TOL = 1e-9    # subtracted from every share threshold; shares of N <= 1e8 differ by more
 N_BOOT, BOOT_SEED = 1000, 0
+RIDGE_ALPHA = 1.0
 
 
 # ----------------------------------------------------------------------------- clinical rules
@@ -115,7 +121,9 @@ def regression_metrics(y_true: np.ndarray, y_pred: np.ndarray,
 # ----------------------------------------------------------------------------- bootstrap
 def bootstrap_mae_ci(abs_errors: np.ndarray, subjects: Sequence, n_boot: int = N_BOOT,
                      seed: int = BOOT_SEED) -> np.ndarray:
-    """(T, 2) percentile-2.5/97.5 interval of the MAE of each column of ``abs_errors`` (N, T).
+    """(T, 2) percentile-2.5/97.5 interval of the MAE of each column of ``abs_errors`` (N, T)
+    (any per-record values: a column of differences of absolute errors gives the interval
+    of the difference of two MAEs, paired by record).
 
     Each resample draws as many subjects as there are, with replacement, and pools all
     their records, so records of one subject move together. Vectorised: a resample is a
@@ -147,19 +155,46 @@ def bootstrap_mae_ci(abs_errors: np.ndarray, subjects: Sequence, n_boot: int = N
     return np.percentile(np.concatenate(maes), [2.5, 97.5], axis=0).T
 
 
+# ----------------------------------------------------------------------------- ridge
+def fit_ridge(x: np.ndarray, y: np.ndarray, alpha: float = RIDGE_ALPHA):
+    """Closed-form ridge regression of every column of ``y`` (N, T) on ``x`` (N, K).
+
+    Minimises ||y - x b - c||^2 + alpha ||b||^2 per target, the intercept c unpenalised
+    (x and y are centred first). Returns a function mapping (M, K) inputs to (M, T).
+    """
+    x = np.asarray(x, dtype=np.float64)
+    y = np.asarray(y, dtype=np.float64)
+    x_mean, y_mean = x.mean(axis=0), y.mean(axis=0)
+    xc = x - x_mean
+    coef = np.linalg.solve(xc.T @ xc + alpha * np.eye(x.shape[1]), xc.T @ (y - y_mean))
+    intercept = y_mean - x_mean @ coef
+    return lambda new: np.asarray(new, dtype=np.float64) @ coef + intercept
+
+
 # ----------------------------------------------------------------------------- split block
 def _mase(mae: float, baseline_mae: float) -> Optional[float]:
     return float(mae / baseline_mae) if baseline_mae > 0 else None
 
 
+def _add_mase(block: dict, baseline: dict, target_cols: Sequence[str]) -> None:
+    for c in target_cols:
+        block["per_target"][c]["mase"] = _mase(block["per_target"][c]["mae"],
+                                               baseline["per_target"][c]["mae"])
+    mases = [block["per_target"][c]["mase"] for c in target_cols]
+    block["mean"]["mase"] = None if None in mases else float(np.mean(mases))
+
+
 def split_metrics(y_true: np.ndarray, y_pred: np.ndarray, subjects: Sequence,
                   target_cols: Sequence[str], train_mean: Sequence[float],
-                  n_boot: int = N_BOOT, seed: int = BOOT_SEED) -> Dict[str, object]:
+                  n_boot: int = N_BOOT, seed: int = BOOT_SEED,
+                  covariate_pred: Optional[np.ndarray] = None) -> Dict[str, object]:
     """One ``val``/``test`` block of final_metrics.json (the caller adds ``loss``).
 
     ``y_true``/``y_pred``: (N, T) in mmHg; ``subjects``: (N,) subject of each record;
     ``train_mean``: (T,) train-split mean of each target, the baseline's constant
-    prediction. Raises ``ValueError`` for mismatched shapes, no records or non-finite values.
+    prediction; ``covariate_pred`` (N, T), the ridge-on-covariates predictions, adds the
+    ``covariate_baseline`` block. All intervals come from one subject bootstrap. Raises
+    ``ValueError`` for mismatched shapes, no records or non-finite values.
     """
     n_t = len(target_cols)
     t, p = _checked(np.reshape(y_true, (-1, n_t)), np.reshape(y_pred, (-1, n_t)))
@@ -167,16 +202,28 @@ def split_metrics(y_true: np.ndarray, y_pred: np.ndarray, subjects: Sequence,
     base = np.broadcast_to(np.asarray(train_mean, dtype=np.float64), t.shape)
     if len(subjects) != len(t):
         raise ValueError(f"{len(subjects)} subjects for {len(t)} records")
-    model = regression_metrics(t, p, target_cols)
-    baseline = regression_metrics(t, base, target_cols)
-    ci = bootstrap_mae_ci(np.abs(np.concatenate([p - t, base - t], axis=1)), subjects, n_boot, seed)
-    for k, c in enumerate(target_cols):
-        model["per_target"][c]["mae_ci95"] = ci[k].tolist()
-        baseline["per_target"][c]["mae_ci95"] = ci[n_t + k].tolist()
-        model["per_target"][c]["mase"] = _mase(model["per_target"][c]["mae"],
-                                               baseline["per_target"][c]["mae"])
-    mases = [model["per_target"][c]["mase"] for c in target_cols]
-    model["mean"]["mase"] = None if None in mases else float(np.mean(mases))
+    columns = [np.abs(p - t), np.abs(base - t)]
+    if covariate_pred is not None:
+        _, ridge = _checked(t, np.reshape(covariate_pred, (-1, n_t)))
+        columns += [np.abs(ridge - t), np.abs(p - t) - np.abs(ridge - t)]
+    ci = bootstrap_mae_ci(np.concatenate(columns, axis=1), subjects, n_boot, seed)
+    blocks = {"model": regression_metrics(t, p, target_cols),
+              "baseline": regression_metrics(t, base, target_cols)}
+    if covariate_pred is not None:
+        blocks["covariate_baseline"] = regression_metrics(t, ridge, target_cols)
+    for j, block in enumerate(blocks.values()):
+        for k, c in enumerate(target_cols):
+            block["per_target"][c]["mae_ci95"] = ci[j * n_t + k].tolist()
+    _add_mase(blocks["model"], blocks["baseline"], target_cols)
+    if covariate_pred is not None:
+        cov = blocks["covariate_baseline"]
+        _add_mase(cov, blocks["baseline"], target_cols)
+        for k, c in enumerate(target_cols):
+            cov["per_target"][c]["model_mae_diff"] = (blocks["model"]["per_target"][c]["mae"]
+                                                      - cov["per_target"][c]["mae"])
+            cov["per_target"][c]["model_mae_diff_ci95"] = ci[3 * n_t + k].tolist()
+        cov["mean"]["model_mae_diff"] = blocks["model"]["mean"]["mae"] - cov["mean"]["mae"]
+    model = blocks.pop("model")
     return {"n_records": int(len(t)), "n_subjects": int(len(np.unique(subjects))),
-            **model, "baseline": baseline, "bootstrap": {"resamples": int(n_boot),
-                                                         "seed": int(seed), "unit": "subject"}}
+            **model, **blocks, "bootstrap": {"resamples": int(n_boot), "seed": int(seed),
+                                             "unit": "subject"}}

@@ -12,11 +12,17 @@ same reader and resampler, without writing npz files. The output CSV has ``ssoid
 (empty where the label is missing) and ``<output stem>_metrics.json`` holds the metrics of
 ``metrics.split_metrics`` over the records with every label. Records that can't be used are
 listed in ``<output stem>_skipped.csv``.
+
+A model trained with ``--covariates`` reads them, encoded as in training (the checkpoint
+holds the encoding), from ``--labels_csv`` with ``--npz_dir`` and from the HDF5 metadata
+with ``--h5_path``; without them it stops with an error. A record missing from the CSV is
+skipped; a missing value or a category unseen in training is filled as in training.
 """
 from __future__ import annotations
 
 import itertools
 import os
+from collections import Counter
 from typing import Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -32,7 +38,7 @@ import prepare_kailuan_npz as prep
 import utils
 from utils import UserError
 
-Batch = Tuple[List[str], torch.Tensor]
+Batch = Tuple[List[str], torch.Tensor, torch.Tensor]  # ids, x, covariates
 
 
 def get_args_parser() -> utils.ArgumentParser:
@@ -73,12 +79,36 @@ def load_model(args) -> Tuple[backbones.BPModel, dict]:
                         f"(no model_config/target_cols)")
     model = backbones.build_bp_model(ckpt["model_config"])
     model.load_state_dict(ckpt["model"])
+    ckpt.setdefault("covariates", [])  # checkpoints from before covariates existed
     return model.eval(), ckpt
 
 
+def check_covariates(args, ckpt: dict, labels: Optional[pd.DataFrame]) -> None:
+    """A model trained with covariates needs them: ``UserError`` naming what is missing."""
+    names = [spec["name"] for spec in ckpt["covariates"]]
+    if not names:
+        return
+    needs = f"the model in {args.checkpoint} takes the covariates {', '.join(names)}"
+    if args.h5_path:
+        with prep.open_h5(args.h5_path) as f:
+            absent = [n for n in names if f"{args.meta_group}/{n}" not in f]
+        if absent:
+            raise UserError(f"--h5_path {args.h5_path} has no {args.meta_group}/"
+                            f"{', '.join(absent)}: {needs}")
+    elif labels is None:
+        raise UserError(f"{needs}: give --labels_csv with those columns")
+    elif any(n not in labels.columns for n in names):
+        absent = [n for n in names if n not in labels.columns]
+        raise UserError(f"--labels_csv {args.labels_csv} has no column {', '.join(absent)}: "
+                        f"{needs}")
+
+
 # ----------------------------------------------------------------------------- record sources
-def npz_batches(args, ckpt: dict, skipped: list) -> Tuple[int, Iterator[Batch]]:
-    """Checked npz records in batches; bad ones are added to ``skipped``."""
+def npz_batches(args, ckpt: dict, skipped: list, filled: Counter,
+                labels: Optional[pd.DataFrame]) -> Tuple[int, Iterator[Batch]]:
+    """Checked npz records in batches; bad ones are added to ``skipped``, and so are
+    records without a labels row when the model takes covariates (``filled`` counts the
+    covariate values filled as in training)."""
     if not os.path.isdir(args.npz_dir):
         raise UserError(f"--npz_dir {args.npz_dir}: no such directory")
     ids = sorted(f[:-4] for f in os.listdir(args.npz_dir) if f.endswith(".npz"))
@@ -90,38 +120,62 @@ def npz_batches(args, ckpt: dict, skipped: list) -> Tuple[int, Iterator[Batch]]:
         raise UserError(f"--npz_dir {args.npz_dir}: records have {length} samples, the model "
                         f"was trained on {ckpt['seq_len']}; prepare them with "
                         f"--target_seq_len {ckpt['seq_len']}")
+    cov = None
+    if ckpt["covariates"]:
+        known = set(labels["ssoid"])
+        skipped += [(s, "not in --labels_csv, so its covariates are unknown")
+                    for s in good if s not in known]
+        good = [s for s in good if s in known]
+        cov = encode_covariates(labels.drop_duplicates("ssoid").set_index("ssoid").loc[good],
+                                ckpt["covariates"], filled)
     ds = dataset.BPDataset(good, args.npz_dir, np.zeros((len(good), 0)),
-                           backbones.MODALITY_CHANNELS[ckpt["modality"]], ckpt["zscore"])
+                           backbones.MODALITY_CHANNELS[ckpt["modality"]], ckpt["zscore"],
+                           covariates=cov)
     loader = torch.utils.data.DataLoader(ds, batch_size=args.batch_size)
-    return len(good), ((list(ids_), x) for x, _, ids_ in loader)
+    return len(good), ((list(ids_), x, c) for x, c, _, ids_ in loader)
 
 
-def h5_batches(args, ckpt: dict, skipped: list) -> Tuple[Optional[int], Iterator[Batch]]:
+def h5_batches(args, ckpt: dict, skipped: list,
+               filled: Counter) -> Tuple[Optional[int], Iterator[Batch]]:
     """Records of a cohort HDF5, prepared exactly as prepare_kailuan_npz.py does."""
     channels = backbones.MODALITY_CHANNELS[ckpt["modality"]]
-    records = prep.iter_records(args.h5_path, args.id_key, meta_group=args.meta_group,
-                                ecg_key=args.ecg_key, ppg_key=args.ppg_key)
+    records = prep.iter_records(args.h5_path, args.id_key,
+                                meta_fields=[spec["name"] for spec in ckpt["covariates"]],
+                                meta_group=args.meta_group, ecg_key=args.ecg_key,
+                                ppg_key=args.ppg_key)
     first = next(records, None)  # opens and checks the file before anything is written
     if first is None:
         raise UserError(f"--h5_path {args.h5_path} holds no records")
 
+    def batch(recs: List[prep.Record], xs: List[np.ndarray]) -> Batch:
+        meta = pd.DataFrame([rec.meta for rec in recs], index=range(len(recs)))
+        return ([rec.id for rec in recs], torch.from_numpy(np.stack(xs)),
+                torch.from_numpy(encode_covariates(meta, ckpt["covariates"], filled)))
+
     def batches() -> Iterator[Batch]:
-        ids: List[str] = []
+        recs: List[prep.Record] = []
         xs: List[np.ndarray] = []
         for rec in itertools.chain([first], records):
             x, reason = prep.record_to_x(rec.ecg, rec.ppg, ckpt["seq_len"])
             if reason:
                 skipped.append((rec.id, reason))
                 continue
-            ids.append(rec.id)
+            recs.append(rec)
             xs.append(dataset.model_input(x, channels, ckpt["zscore"]))
-            if len(ids) == args.batch_size:
-                yield ids, torch.from_numpy(np.stack(xs))
-                ids, xs = [], []
-        if ids:
-            yield ids, torch.from_numpy(np.stack(xs))
+            if len(recs) == args.batch_size:
+                yield batch(recs, xs)
+                recs, xs = [], []
+        if recs:
+            yield batch(recs, xs)
 
     return None, batches()
+
+
+def encode_covariates(frame: pd.DataFrame, specs, filled: Counter) -> np.ndarray:
+    """``dataset.encode_covariates``, adding the counts of filled values to ``filled``."""
+    cov, counts = dataset.encode_covariates(frame, specs)
+    filled.update(counts)
+    return cov
 
 
 
@@ -134,8 +188,8 @@ def predict(model, batches: Iterator[Batch], total: Optional[int], ckpt: dict,
     ids: List[str] = []
     preds: List[np.ndarray] = []
     with tqdm(total=total, desc="predict", unit="rec") as bar:
-        for batch_ids, x in batches:
-            preds.append(model(x.to(device)).float().cpu().numpy())
+        for batch_ids, x, cov in batches:
+            preds.append(model(x.to(device), cov.to(device)).float().cpu().numpy())
             ids += batch_ids
             bar.update(len(batch_ids))
     if not ids:
@@ -145,10 +199,9 @@ def predict(model, batches: Iterator[Batch], total: Optional[int], ckpt: dict,
     return ids, np.concatenate(preds).astype(np.float64) * std + mean
 
 
-def truths(labels_csv: str, target_cols: Sequence[str], ids: Sequence[str]) -> pd.DataFrame:
+def truths(labels: pd.DataFrame, ids: Sequence[str]) -> pd.DataFrame:
     """Labels of ``ids`` in order (NaN where unknown), with each record's subject."""
-    labels = dataset.read_labels(labels_csv, target_cols).drop_duplicates("ssoid")
-    labels = labels.set_index("ssoid").reindex(list(ids))
+    labels = labels.drop_duplicates("ssoid").set_index("ssoid").reindex(list(ids))
     if "subject_id" in labels.columns:
         subjects = labels["subject_id"].astype(object)
         labels["subject"] = subjects.where(subjects.notna(), [utils.subject_of(i) for i in ids])
@@ -157,14 +210,14 @@ def truths(labels_csv: str, target_cols: Sequence[str], ids: Sequence[str]) -> p
     return labels
 
 
-def write_outputs(args, ckpt: dict, ids: List[str], y_pred: np.ndarray,
-                  skipped: list) -> Optional[dict]:
+def write_outputs(args, ckpt: dict, ids: List[str], y_pred: np.ndarray, skipped: list,
+                  labels: Optional[pd.DataFrame]) -> Optional[dict]:
     stem = os.path.splitext(args.output)[0]
     target_cols = list(ckpt["target_cols"])
     report = None
     y_true = None
-    if args.labels_csv:
-        labels = truths(args.labels_csv, target_cols, ids)
+    if labels is not None:
+        labels = truths(labels, ids)
         y_true = labels[target_cols].to_numpy(np.float64)
         complete = ~np.isnan(y_true).any(axis=1)
         if complete.any():
@@ -182,17 +235,23 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     args = get_args_parser().parse_args(argv)
     check_args(args)
     model, ckpt = load_model(args)
-    if args.labels_csv:
-        dataset.read_labels(args.labels_csv, ckpt["target_cols"])  # fail before predicting
+    labels = (dataset.read_labels(args.labels_csv, ckpt["target_cols"])  # fail before predicting
+              if args.labels_csv else None)
+    check_covariates(args, ckpt, labels)
     device = engine.resolve_device(args.device)
     skipped: list = []
-    source = npz_batches if args.npz_dir else h5_batches
-    total, batches = source(args, ckpt, skipped)
+    filled: Counter = Counter()
+    if args.npz_dir:
+        total, batches = npz_batches(args, ckpt, skipped, filled, labels)
+    else:
+        total, batches = h5_batches(args, ckpt, skipped, filled)
     ids, y_pred = predict(model, batches, total, ckpt, device)
-    report = write_outputs(args, ckpt, ids, y_pred, skipped)
+    report = write_outputs(args, ckpt, ids, y_pred, skipped, labels)
     print(f"predicted {len(ids)} records, skipped {len(skipped)}; wrote {args.output}"
           + (f"; MAE mean {report['mean']['mae']:.2f} mmHg over {report['n_records']} "
-             f"labelled records" if report else ""))
+             f"labelled records" if report else "")
+          + "".join(f"\ncovariate {name}: {n} values missing or unseen in training, filled "
+                    f"as in training" for name, n in filled.items() if n))
 
 
 if __name__ == "__main__":

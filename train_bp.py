@@ -62,6 +62,12 @@ def get_args_parser() -> utils.ArgumentParser:
     data.add_argument("--out_dir", required=True, help="where every output file is written")
     data.add_argument("--target_cols", nargs="+", required=True,
                       help="BP columns to predict; their order is the output order")
+    data.add_argument("--covariates", nargs="+", default=[],
+                      help="labels-CSV columns (e.g. age sex bmi, from prepare's --extra_cols) "
+                           "fed to the head beside the signals; numbers are standardised, "
+                           "two-valued or few-valued columns become 0/1 inputs, missing "
+                           "values get the train median/mode and a missing indicator; adds "
+                           "a ridge-on-covariates baseline to final_metrics.json")
     data.add_argument("--val_ratio", type=float, default=0.1, help="fraction of subjects for validation")
     data.add_argument("--test_ratio", type=float, default=0.2, help="fraction of subjects for test")
     data.add_argument("--seed", type=int, default=666, help="seed of the split, the init and the shuffling")
@@ -78,7 +84,9 @@ def get_args_parser() -> utils.ArgumentParser:
     model = p.add_argument_group("model")
     model.add_argument("--arch", default="ecgfounder", choices=sorted(backbones.ARCHS),
                        help="Net1D size; ecgfounder is the published one that --pretrain loads into")
-    model.add_argument("--modality", default="both", choices=("ecg", "ppg", "both"))
+    model.add_argument("--modality", default="both", choices=tuple(backbones.MODALITY_CHANNELS),
+                       help="signals the model reads; none: covariates only (the same head "
+                            "on --covariates alone, to compare with the signal models)")
     model.add_argument("--fusion", default=backbones.DEFAULT_FUSION, choices=("late", "mid", "early"),
                        help="how ECG and PPG meet with --modality both: late pools each encoder "
                             "(loses pulse-arrival timing), mid fuses time-resolved feature maps, "
@@ -146,10 +154,19 @@ def parse_args(argv: Optional[Sequence[str]]):
                              "validation split"),
         (args.test_ratio > 0, "--test_ratio must be above 0: final_metrics.json reports the "
                               "test split"),
+        (len(set(args.covariates)) == len(args.covariates), "--covariates names a column twice"),
+        (args.modality != "none" or args.covariates,
+         "--modality none is a covariates-only model: give --covariates"),
+        (args.modality != "none" or not args.pretrain,
+         "--pretrain needs an encoder: not with --modality none"),
     ]
     for ok, message in checks:
         if not ok:
             raise UserError(message)
+    clash = set(args.covariates) & {"ssoid", "subject_id", *args.target_cols}
+    if clash:
+        raise UserError(f"--covariates: {', '.join(sorted(clash))} is an id or a target, "
+                        f"not a covariate")
     if args.modality != "both":
         args.fusion = "none"
     return args
@@ -190,6 +207,10 @@ def check_resume(args, saved: dict, world_size: int) -> None:
 def load_table(args) -> pd.DataFrame:
     """Usable label rows with their subject and split (CONTRACT section 3)."""
     labels = dataset.read_labels(args.labels_csv, args.target_cols)
+    missing = [c for c in args.covariates if c not in labels.columns]
+    if missing:
+        raise UserError(f"--covariates: labels CSV {args.labels_csv} has no column "
+                        f"{', '.join(missing)} (columns: {', '.join(map(str, labels.columns))})")
     rows, dropped = dataset.usable_rows(labels, args.npz_dir, args.target_cols)
     print(f"labels: {len(labels)} rows, {len(rows)} usable"
           + "".join(f"; dropped {n} ({why})" for why, n in dropped.items()))
@@ -252,13 +273,15 @@ def make_loader(args, part: pd.DataFrame, rows_in_cache: np.ndarray, stats: dict
     with ``ShardSampler``, so every record is evaluated exactly once over the ranks.
     """
     y = (part[args.target_cols].to_numpy(np.float64) - stats["target_mean"]) / stats["target_std"]
+    cov = dataset.encode_covariates(part, stats["covariates"])[0]
     channels = backbones.MODALITY_CHANNELS[args.modality]
     if cache is not None:
-        ds = dataset.CachedBPDataset(list(part["ssoid"]), cache, rows_in_cache, y, channels)
+        ds = dataset.CachedBPDataset(list(part["ssoid"]), cache, rows_in_cache, y, channels,
+                                     covariates=cov)
         workers, collate = 0, dataset.CachedBPDataset.collate
     else:
         ds = dataset.BPDataset(list(part["ssoid"]), args.npz_dir, y, channels,
-                               normalize=not args.no_zscore)
+                               normalize=not args.no_zscore, covariates=cov)
         workers, collate = args.num_workers, None
     if train:
         sampler = DistributedSampler(ds, num_replicas=dist.world_size, rank=dist.rank,
@@ -278,14 +301,15 @@ def build_model(args, stats: dict, pretrain: Optional[str],
     its weights to the other ranks)."""
     cfg = backbones.BPModelConfig(arch=args.arch, modality=args.modality, fusion=args.fusion,
                                   n_targets=len(args.target_cols), constrain=args.constrain,
-                                  head_hidden=args.head_hidden, dropout=args.dropout)
+                                  head_hidden=args.head_hidden, dropout=args.dropout,
+                                  n_covariates=len(dataset.covariate_names(stats["covariates"])))
     model = backbones.build_bp_model(cfg)
     mean, std = np.array(stats["target_mean"]), np.array(stats["target_std"])
     model.set_bounds((np.array(stats["y_min"]) - mean) / std, (np.array(stats["y_max"]) - mean) / std)
     if pretrain:
         utils.run_on_rank0(lambda: backbones.load_pretrained(
             model, pretrain, trust=args.trust_checkpoint, target_cols=args.target_cols), dist)
-    elif args.pretrain is None:
+    elif args.pretrain is None and model.encoders:
         print("warning: no --pretrain given: the encoders start from random weights")
     if args.freeze_backbone:
         model.freeze_backbone()
@@ -338,12 +362,31 @@ def history_row(epoch: int, train: dict, val: dict, val_metrics: dict, target_co
 
 
 def split_report(result: dict, part: pd.DataFrame, target_cols: Sequence[str],
-                 stats: dict) -> dict:
-    """The ``val``/``test`` block of final_metrics.json (model, train-mean baseline, CIs)."""
-    subjects = part.set_index("ssoid").loc[result["ids"], "subject_id"].to_numpy()
-    return {"loss": result["loss"],
-            **metrics.split_metrics(result["y_true"], result["y_pred"], subjects, target_cols,
-                                    stats["target_mean"])}
+                 stats: dict, ridge) -> dict:
+    """The ``val``/``test`` block of final_metrics.json (model, train-mean baseline, CIs,
+    and with covariates the ridge baseline ``ridge``, a fitted ``metrics.fit_ridge``)."""
+    part = part.set_index("ssoid").loc[result["ids"]]
+    covariate_pred = None
+    if ridge is not None:
+        covariate_pred = ridge(dataset.encode_covariates(part, stats["covariates"])[0])
+    block = {"loss": result["loss"],
+             **metrics.split_metrics(result["y_true"], result["y_pred"],
+                                     part["subject_id"].to_numpy(), target_cols,
+                                     stats["target_mean"], covariate_pred=covariate_pred)}
+    if ridge is not None:
+        block["covariate_baseline"].update(
+            {"model": "ridge", "alpha": metrics.RIDGE_ALPHA,
+             "inputs": dataset.covariate_names(stats["covariates"])})
+    return block
+
+
+def covariate_ridge(rows: pd.DataFrame, target_cols: Sequence[str], stats: dict):
+    """The ridge-on-covariates baseline fitted on the train split (None without covariates)."""
+    if not stats["covariates"]:
+        return None
+    train = rows[rows["split"] == "train"]
+    return metrics.fit_ridge(dataset.encode_covariates(train, stats["covariates"])[0],
+                             train[list(target_cols)].to_numpy(np.float64))
 
 
 def epoch_line(epoch: int, epochs: int, row: dict, target_cols, best: bool) -> str:
@@ -355,16 +398,26 @@ def epoch_line(epoch: int, epochs: int, row: dict, target_cols, best: bool) -> s
 
 
 def print_test_table(block: dict, target_cols: Sequence[str]) -> None:
-    print("\ntest metrics (mmHg) beside the train-mean predictor:")
+    """Test metrics beside the train-mean predictor and, with covariates, the ridge
+    baseline and the model-minus-ridge MAE with its 95 % subject-bootstrap interval."""
+    cov = block.get("covariate_baseline")
+    print("\ntest metrics (mmHg) beside the train-mean predictor"
+          + (" and a ridge regression on the covariates:" if cov else ":"))
     print(f"{'target':<16}{'MAE':>8}{'RMSE':>8}{'ME':>8}{'SD':>8}{'r':>7}{'R2':>7}"
-          f"{'mean-MAE':>10}")
+          f"{'mean-MAE':>10}" + (f"{'ridge-MAE':>11}{'MAE - ridge [95% CI]':>28}" if cov else ""))
     for c in target_cols:
         m, b = block["per_target"][c], block["baseline"]["per_target"][c]
-        print(f"{c:<16}{m['mae']:8.2f}{m['rmse']:8.2f}{m['me']:8.2f}{m['sd']:8.2f}"
-              f"{m['pearson']:7.3f}{m['r2']:7.3f}{b['mae']:10.2f}")
+        line = (f"{c:<16}{m['mae']:8.2f}{m['rmse']:8.2f}{m['me']:8.2f}{m['sd']:8.2f}"
+                f"{m['pearson']:7.3f}{m['r2']:7.3f}{b['mae']:10.2f}")
+        if cov:
+            r = cov["per_target"][c]
+            lo, hi = r["model_mae_diff_ci95"]
+            line += f"{r['mae']:11.2f}{r['model_mae_diff']:+12.2f} [{lo:+.2f}, {hi:+.2f}]"
+        print(line)
     m, b = block["mean"], block["baseline"]["mean"]
     print(f"{'mean':<16}{m['mae']:8.2f}{m['rmse']:8.2f}{'':>8}{'':>8}{m['pearson']:7.3f}"
-          f"{m['r2']:7.3f}{b['mae']:10.2f}")
+          f"{m['r2']:7.3f}{b['mae']:10.2f}"
+          + (f"{cov['mean']['mae']:11.2f}{cov['mean']['model_mae_diff']:+12.2f}" if cov else ""))
 
 
 def git_revision() -> str:
@@ -379,11 +432,21 @@ def git_revision() -> str:
 
 # ============================================================================= phases
 def load_data(args):
-    """Checked rows with their split, the common record length, the skipped table, stats."""
+    """Checked rows with their split, the common record length, the skipped table, and the
+    train-split statistics (targets, and the covariate encoding)."""
     rows = load_table(args)
     rows, seq_len, skipped = check_files(args, rows)
     rows = assign_split(args, rows)
-    stats = target_stats(rows[rows["split"] == "train"], args.target_cols, args.y_margin)
+    train = rows[rows["split"] == "train"]
+    stats = target_stats(train, args.target_cols, args.y_margin)
+    stats["covariates"] = dataset.fit_covariates(train, args.covariates,
+                                                 f"labels CSV {args.labels_csv}")
+    if args.covariates:
+        filled = dataset.encode_covariates(rows, stats["covariates"])[1]
+        print("covariates (encoded from the train split):\n"
+              + dataset.describe_covariates(stats["covariates"])
+              + "".join(f"\n  {name}: {n} of {len(rows)} values missing or unseen in training"
+                        for name, n in filled.items() if n))
     return rows, seq_len, skipped, stats
 
 
@@ -474,6 +537,7 @@ def final_report(args, model, eval_model, loaders, loss_fn, device, amp_dtype,
     best = utils.broadcast_object(best)
     model.load_state_dict(best["model"])
     report = {"target_cols": list(args.target_cols), "best_epoch": best["epoch"]}
+    ridge = covariate_ridge(rows, args.target_cols, stats)
     for split in ("val", "test"):
         result = evaluate_split(eval_model, loaders, split, loss_fn, device, amp_dtype, stats)
         if not dist.is_main:
@@ -485,7 +549,7 @@ def final_report(args, model, eval_model, loaders, loss_fn, device, amp_dtype,
                                  result["ids"], result["y_true"], result["y_pred"],
                                  args.target_cols)
         report[split] = split_report(result, rows[rows["split"] == split], args.target_cols,
-                                     stats)
+                                     stats, ridge)
     if not dist.is_main:
         return None
     utils.write_json_atomic(os.path.join(args.out_dir, "final_metrics.json"), report)

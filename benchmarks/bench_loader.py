@@ -86,7 +86,7 @@ def loader_rate(args, table: pd.DataFrame, stats: dict, num_workers: int,
     for epoch in range(args.passes + 1):
         loader.sampler.set_epoch(epoch)
         tic = time.perf_counter()
-        n = sum(len(x) for x, _, _ in loader)
+        n = sum(len(batch[0]) for batch in loader)
         if epoch:  # the first pass starts the workers
             seen, seconds = seen + n, seconds + time.perf_counter() - tic
     return seen / seconds
@@ -107,7 +107,7 @@ def measure(args, scratch: str) -> Dict[str, float]:
         synthetic_cohort(args, scratch)
     table = pd.read_csv(args.labels_csv, dtype={"ssoid": str})
     table = table[table[args.target_cols].notna().all(axis=1)].reset_index(drop=True)
-    stats = train_bp.target_stats(table, args.target_cols, 0.0)
+    stats = {**train_bp.target_stats(table, args.target_cols, 0.0), "covariates": []}
     paths = [dataset.npz_path(args.npz_dir, s) for s in table["ssoid"]]
     bare_rate(paths, 1)  # the files into the page cache, as for every loader below
     rates = {"bare np.load loop": bare_rate(paths, args.passes)}

@@ -63,7 +63,8 @@ class _SameBatch:
         return self.n
 
     def __iter__(self):
-        return iter([(self.x, self.y, None)] * self.n)
+        no_covariates = self.x.new_zeros((len(self.x), 0))
+        return iter([(self.x, no_covariates, self.y, None)] * self.n)
 
 
 def step_rate(model, args, device: torch.device, amp_dtype) -> float:

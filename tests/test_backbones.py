@@ -170,7 +170,7 @@ def test_single_modality_normalises_fusion_and_wrong_channel_count_fails():
 
 def test_default_fusion_and_modality_channels():
     assert DEFAULT_FUSION in FUSIONS
-    assert MODALITY_CHANNELS == {"ecg": (0,), "ppg": (1,), "both": (0, 1)}
+    assert MODALITY_CHANNELS == {"ecg": (0,), "ppg": (1,), "both": (0, 1), "none": ()}
 
 
 def test_model_rebuilds_from_stored_config_even_if_arch_changes(tmp_path, monkeypatch):
@@ -209,6 +209,32 @@ def test_covariates_feed_the_head():
         model(x)
     with pytest.raises(ValueError, match="covariates"):
         tiny_model(modality="ecg")(x, cov)
+
+
+def test_covariates_only_model_has_no_encoder_and_reads_only_covariates():
+    model = tiny_model(modality="none", n_covariates=3)
+    assert not list(model.encoders) and model.config.fusion == "none"
+    assert isinstance(model.head.norm, torch.nn.Identity)
+    torch.nn.init.normal_(model.head.mlp[-1].weight)
+    cov = torch.randn(4, 3)
+    model.eval()
+    with torch.no_grad():
+        out = model(torch.zeros(4, 0, 0), cov)
+        # the placeholder's length does not matter; the covariates do
+        torch.testing.assert_close(model(torch.zeros(4, 0, 50), cov), out)
+        assert (model(torch.zeros(4, 0, 0), cov + 1.0) - out).abs().min() > 0
+    model.train()
+    model(torch.zeros(4, 0, 0), cov).square().mean().backward()
+    assert all(p.grad is not None for p in model.parameters())
+    with pytest.raises(UserError, match="covariates-only model: give --covariates"):
+        tiny_model(modality="none")
+
+
+def test_an_empty_covariate_tensor_counts_as_none():
+    model = tiny_model(modality="ecg")
+    x = torch.randn(2, 1, 200)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, torch.zeros(2, 0)), model(x))
 
 
 # ----------------------------------------------------------------------------- constraints

@@ -31,3 +31,27 @@ def test_benchmark_flops_are_three_forwards_of_the_analytic_count():
             steps = out
         c_in = c_out
     assert flops_per_record(net, 1, length, torch.device("cpu")) == 3 * forward
+
+
+def test_bench_loader_times_every_loader_on_the_same_records(tmp_path):
+    import bench_loader
+    args = bench_loader.get_args_parser().parse_args(
+        ["--n_records", "8", "--seq_len", "100", "--batch_size", "4", "--passes", "1",
+         "--workers", "0", "1"])
+    rates = bench_loader.measure(args, str(tmp_path))
+    assert list(rates) == ["bare np.load loop", "npz files, --num_workers 0",
+                           "npz files, --num_workers 1", bench_loader.CACHE]
+    assert all(math.isfinite(r) and r > 0 for r in rates.values())
+    lines = bench_loader.report(rates, 8, args)
+    assert lines[-1].startswith("cache / best npz loader: ")
+
+
+def test_bench_train_prints_a_row_per_model_and_per_loader(capsys):
+    import bench_train
+    bench_train.main(["--arch", "tiny", "--batch_size", "2", "--length", "200", "--steps", "1",
+                      "--warmup", "1", "--loader_records", "8", "--num_workers", "0"])
+    out = capsys.readouterr().out.splitlines()
+    assert [ln.split()[0] for ln in out[2:4]] == ["both/early", "both/late"]
+    params = [int(ln.split()[1].replace(",", "")) for ln in out[2:4]]
+    assert params[1] > 1.8 * params[0]  # late fusion: two encoders
+    assert [ln.split(":")[0] for ln in out[4:]] == ["loader"] * 3

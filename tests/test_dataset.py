@@ -75,9 +75,10 @@ def test_read_labels_errors_name_file_and_column(tmp_path):
 def test_dataset_zscores_each_channel_and_picks_channels(records):
     targets = np.array([[0.5], [1.5]], np.float32)
     ds = dataset.BPDataset(["s0_0", "s1_0"], records, targets, channels=[1])
-    x, y, ssoid = ds[1]
+    x, cov, y, ssoid = ds[1]
     raw = dataset.load_x(os.path.join(records, "s1_0.npz"))[:, 1]
     assert tuple(x.shape) == (1, 50) and ssoid == "s1_0" and float(y[0]) == 1.5
+    assert tuple(cov.shape) == (0,)
     np.testing.assert_allclose(x[0].numpy(), (raw - raw.mean()) / raw.std(), rtol=1e-5)
     both = dataset.BPDataset(["s0_0"], records, targets[:1], channels=[0, 1], normalize=False)
     np.testing.assert_array_equal(both[0][0].numpy(),
@@ -128,13 +129,14 @@ def test_cached_dataset_equals_npz_dataset_to_the_bit(records, tmp_path, channel
     cached = dataset.CachedBPDataset(["s3_0", "s1_0"], cache, np.array([3, 1]), y[[3, 1]],
                                      channels)
     files = dataset.BPDataset(["s3_0", "s1_0"], records, y[[3, 1]], channels)
-    x, yb, batch_ids = cached.__getitems__([1, 0, 1])
+    x, cov, yb, batch_ids = cached.__getitems__([1, 0, 1])
     assert tuple(x.shape) == (3, len(channels), 50) and batch_ids == ["s1_0", "s3_0", "s1_0"]
+    assert tuple(cov.shape) == (3, 0)
     for k, i in enumerate([1, 0, 1]):
         np.testing.assert_array_equal(x[k].numpy(), files[i][0].numpy())
-        np.testing.assert_array_equal(yb[k].numpy(), files[i][1].numpy())
+        np.testing.assert_array_equal(yb[k].numpy(), files[i][2].numpy())
     single = cached[0]
-    assert single[2] == "s3_0" and tuple(single[0].shape) == (len(channels), 50)
+    assert single[3] == "s3_0" and tuple(single[0].shape) == (len(channels), 50)
 
 
 def test_shard_sampler_covers_each_index_once():

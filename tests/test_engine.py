@@ -17,7 +17,7 @@ class _Records(torch.utils.data.Dataset):
         return len(self.x)
 
     def __getitem__(self, i):
-        return self.x[i], self.y[i], f"r{i}"
+        return self.x[i], torch.zeros(0), self.y[i], f"r{i}"
 
 
 class _Linear(torch.nn.Module):
@@ -25,7 +25,8 @@ class _Linear(torch.nn.Module):
         super().__init__()
         self.lin = torch.nn.Linear(3, 2)
 
-    def forward(self, x):
+    def forward(self, x, cov):
+        assert cov.shape == (len(x), 0)
         return self.lin(x[:, 0, :])
 
 
@@ -118,12 +119,13 @@ def test_evaluate_returns_mmhg_in_loader_order():
     out = engine.evaluate(model, loader, torch.nn.MSELoss(), torch.device("cpu"), None, mean, std)
     x = loader.dataset.x
     with torch.no_grad():
-        raw = model(x).numpy().astype(np.float64)
+        raw = model(x, torch.zeros(len(x), 0))
     assert out["ids"] == [f"r{i}" for i in range(6)]
-    np.testing.assert_allclose(out["y_pred"], raw * std + mean, rtol=1e-6)
+    np.testing.assert_allclose(out["y_pred"], raw.numpy().astype(np.float64) * std + mean,
+                               rtol=1e-6)
     np.testing.assert_allclose(out["y_true"], loader.dataset.y.numpy() * std + mean, rtol=1e-6)
-    assert out["loss"] == pytest.approx(torch.nn.functional.mse_loss(model(x), loader.dataset.y).item(),
-                                        rel=1e-5)
+    expected = torch.nn.functional.mse_loss(raw, loader.dataset.y).item()
+    assert out["loss"] == pytest.approx(expected, rel=1e-5)
 
 
 def test_gather_evaluation_joins_shards_in_split_order(monkeypatch):
