@@ -47,8 +47,8 @@ Pre-trained files (``load_pretrained``)
     - ``ecg.<net1d key>`` / ``ppg.<net1d key>`` (``both.`` for an early-fusion encoder): a
       joint file of separately trained encoders, each loaded into the encoder of that name;
     - ``encoders.<name>.<net1d key>``: this project's ``bp_best.pth`` (``model`` entry);
-      its head is loaded too when its ``target_cols`` equal the caller's and every head
-      tensor fits.
+      its head is loaded too when its ``target_cols`` and covariate columns equal the
+      caller's and every head tensor fits.
     The early-fusion encoder ``both`` takes a plain or ``ecg`` source; its first conv is
     widened to two input channels: the ECG slice from the file, the PPG slice zeros, so it
     starts as exactly the pre-trained ECG encoder. That widened weight is new, so it
@@ -616,17 +616,23 @@ def _check_encoder(path: str, name: str, match: dict, sources: Dict[str, dict]) 
                         f"unexpected tensor(s), e.g. {example} (another --arch?)")
 
 
-def _load_head(model: BPModel, ckpt, rest: dict, target_cols: Optional[Sequence[str]]) -> dict:
+def _load_head(model: BPModel, ckpt, rest: dict, target_cols: Optional[Sequence[str]],
+               covariates: Sequence[str]) -> dict:
     """Load the non-encoder tensors of a project checkpoint when they fit; say why not."""
     head = {k: v for k, v in rest.items() if k not in _BOUND_KEYS}
     own = {k: v for k, v in model.state_dict().items()
            if not k.startswith("encoders.") and k not in _BOUND_KEYS}
     file_cols = ckpt.get("target_cols") if isinstance(ckpt, Mapping) else None
+    file_covariates = [spec["name"] for spec in ckpt.get("covariates", [])] \
+        if isinstance(ckpt, Mapping) else []
     if not head:
         return {"loaded": 0, "reason": "the file has no head"}
     if target_cols is None or file_cols is None or list(file_cols) != list(target_cols):
         return {"loaded": 0, "reason": f"target_cols differ (file {file_cols}, "
                                        f"now {None if target_cols is None else list(target_cols)})"}
+    if file_covariates != list(covariates):
+        return {"loaded": 0, "reason": f"covariates differ (file {file_covariates}, "
+                                       f"now {list(covariates)})"}
     if head.keys() != own.keys() or any(head[k].shape != own[k].shape for k in own):
         return {"loaded": 0, "reason": "head shapes differ (fusion, head or covariates changed)"}
     model.load_state_dict(head, strict=False)
@@ -634,8 +640,10 @@ def _load_head(model: BPModel, ckpt, rest: dict, target_cols: Optional[Sequence[
 
 
 def load_pretrained(model: BPModel, path: str, trust: bool = False,
-                    target_cols: Optional[Sequence[str]] = None, verbose: bool = True) -> dict:
-    """Load a pre-trained file into every encoder of ``model`` (and a matching head).
+                    target_cols: Optional[Sequence[str]] = None, verbose: bool = True,
+                    covariates: Sequence[str] = ()) -> dict:
+    """Load a pre-trained file into every encoder of ``model`` (and a matching head: same
+    ``target_cols``, same ``covariates`` column names, same shapes).
 
     Returns (and prints when ``verbose``) the report: layout, per encoder the counts of
     tensors loaded, missing, unexpected and shape-mismatched, and the head's outcome.
@@ -657,7 +665,8 @@ def load_pretrained(model: BPModel, path: str, trust: bool = False,
             k: v for k, v in match.items() if k != "to_load"}}
     for name, match in matches.items():
         model.encoders[name].load_state_dict(match["to_load"], strict=False)
-    report["head"] = (_load_head(model, ckpt, rest, target_cols) if layout == "project"
+    report["head"] = (_load_head(model, ckpt, rest, target_cols, covariates)
+                      if layout == "project"
                       else {"loaded": 0, "reason": "the file has no head"})
     if verbose:
         print(format_report(report))

@@ -308,7 +308,8 @@ def build_model(args, stats: dict, pretrain: Optional[str],
     model.set_bounds((np.array(stats["y_min"]) - mean) / std, (np.array(stats["y_max"]) - mean) / std)
     if pretrain:
         utils.run_on_rank0(lambda: backbones.load_pretrained(
-            model, pretrain, trust=args.trust_checkpoint, target_cols=args.target_cols), dist)
+            model, pretrain, trust=args.trust_checkpoint, target_cols=args.target_cols,
+            covariates=args.covariates), dist)
     elif args.pretrain is None and model.encoders:
         print("warning: no --pretrain given: the encoders start from random weights")
     if args.freeze_backbone:

@@ -453,6 +453,21 @@ def test_project_checkpoint_loads_encoders_and_matching_head(tmp_path, modality,
     assert other.head.mlp[-1].weight.abs().max() == 0
 
 
+def test_project_head_skipped_when_the_covariates_differ_at_equal_shapes(tmp_path):
+    trained = tiny_model("ecg", n_covariates=1)
+    path = str(tmp_path / "bp_best.pth")
+    spec = {"name": "age", "kind": "numeric", "mean": 55.0, "std": 10.0, "fill": 55.0,
+            "missing_indicator": False}
+    save_checkpoint(path, {"model": trained.state_dict(), "target_cols": ["a", "b", "c"],
+                           "covariates": [spec]})
+    for covariates, loaded in ((["age"], True), (["bmi"], False)):
+        report = load_pretrained(tiny_model("ecg", n_covariates=1), path,
+                                 target_cols=["a", "b", "c"], covariates=covariates,
+                                 verbose=False)
+        assert (report["head"]["loaded"] > 0) == loaded, report["head"]
+    assert "covariates differ (file ['age'], now ['bmi'])" in report["head"]["reason"]
+
+
 def test_project_head_skipped_when_fusion_changes_shapes(tmp_path):
     trained = tiny_model("both", "late")
     path = str(tmp_path / "bp_best.pth")

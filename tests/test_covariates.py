@@ -14,12 +14,10 @@ import pytest
 import torch
 
 import dataset
-import make_synthetic_cohort
 import metrics
 import predict_bp
-import prepare_kailuan_npz
 import train_bp
-from conftest import ROOT, error_line
+from conftest import ROOT, error_line, prepared_cohort
 from utils import UserError
 
 TARGETS = ["right_arm_sbp", "right_arm_dbp", "left_arm_mbp"]
@@ -129,22 +127,16 @@ def test_split_metrics_covariate_block_and_paired_difference():
 @pytest.fixture(scope="module")
 def cohort(tmp_path_factory):
     base = tmp_path_factory.mktemp("cov_cohort")
-    h5 = str(base / "cohort.h5")
-    make_synthetic_cohort.make_cohort(h5, n_subjects=30, records_per_subject=3, seed=5)
-    npz, labels = str(base / "npz"), str(base / "labels.csv")
-    prepare_kailuan_npz.main(["--h5_path", h5, "--id_key", "new_id", "--target_cols", *TARGETS,
-                              "--output_npz", npz, "--output_csv", labels,
-                              "--target_seq_len", "400", "--workers", "1",
-                              "--extra_cols", *COVARIATES])
-    table = pd.read_csv(labels, dtype={"ssoid": str})
+    data = prepared_cohort(base, 30, 3, 5, TARGETS, extra_cols=COVARIATES)
+    table = pd.read_csv(data["labels"], dtype={"ssoid": str})
     rng = np.random.default_rng(0)
     # "secret" determines right_arm_sbp exactly; "noise" says nothing about anything
     table["secret"] = table["right_arm_sbp"] * 0.1 - 12.0
     table["noise"] = rng.normal(size=len(table))
     table.loc[table.index[::7], "bmi"] = np.nan  # some missing values to fill
-    extended = str(base / "labels_extended.csv")
-    table.to_csv(extended, index=False)
-    return {"h5": h5, "npz": npz, "labels": extended, "base": base}
+    data["labels"] = str(base / "labels_extended.csv")
+    table.to_csv(data["labels"], index=False)
+    return data
 
 
 def cov_argv(cohort, out, *extra):

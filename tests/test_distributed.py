@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pandas as pd
@@ -19,7 +18,7 @@ import torch
 import backbones
 import predict_bp
 import train_bp
-from conftest import ROOT, error_line
+from conftest import ROOT, error_line, wait_for_epochs
 from test_train import TARGETS, _metrics_from_csv, cohort, train_argv  # noqa: F401 - fixture
 
 EPOCHS = "6"
@@ -131,11 +130,7 @@ def test_killed_torchrun_run_resumes_to_the_same_numbers(ddp, cohort, tmp_path):
     proc = subprocess.Popen(torchrun_argv(2, *argv), cwd=ROOT, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     history = killed / "history.csv"
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        if history.exists() and len(pd.read_csv(history)) >= 2:
-            break
-        time.sleep(0.02)
+    wait_for_epochs(proc, history, 2)
     for pid in _children(proc.pid) + [proc.pid]:  # a node failure: every process at once
         try:
             os.kill(pid, signal.SIGKILL)

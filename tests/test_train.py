@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pandas as pd
@@ -15,10 +14,8 @@ import torch
 
 import backbones
 import dataset
-import make_synthetic_cohort
-import prepare_kailuan_npz
 import train_bp
-from conftest import ROOT, error_line
+from conftest import ROOT, error_line, prepared_cohort, wait_for_epochs
 
 TARGETS = ["right_arm_sbp", "right_arm_dbp", "left_arm_mbp"]
 SEQ_LEN = 400
@@ -26,14 +23,7 @@ SEQ_LEN = 400
 
 @pytest.fixture(scope="module")
 def cohort(tmp_path_factory):
-    base = tmp_path_factory.mktemp("cohort")
-    h5 = str(base / "cohort.h5")
-    make_synthetic_cohort.make_cohort(h5, n_subjects=20, records_per_subject=3, seed=3)
-    npz, labels = str(base / "npz"), str(base / "labels.csv")
-    prepare_kailuan_npz.main(["--h5_path", h5, "--id_key", "new_id", "--target_cols", *TARGETS,
-                              "--output_npz", npz, "--output_csv", labels,
-                              "--target_seq_len", str(SEQ_LEN), "--workers", "1"])
-    return {"npz": npz, "labels": labels, "base": base}
+    return prepared_cohort(tmp_path_factory.mktemp("cohort"), 20, 3, 3, TARGETS, SEQ_LEN)
 
 
 def train_argv(cohort, out_dir, *extra):
@@ -143,11 +133,7 @@ def test_kill_and_resume_ends_with_the_same_metrics(cohort, tmp_path):
             *train_argv(cohort, killed, "--epochs", "4")]
     proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     history = killed / "history.csv"
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        if history.exists() and len(pd.read_csv(history)) >= 2:
-            break
-        time.sleep(0.02)
+    wait_for_epochs(proc, history, 2)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
