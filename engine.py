@@ -23,6 +23,7 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 import pandas as pd
 import torch
+
 from utils import UserError, all_gather_object, all_reduce_sum, progress, write_csv_atomic
 
 
