@@ -28,12 +28,14 @@ MARKER = ".bp_demo"  # marks a folder this script made, so a re-run may clear it
 def get_args_parser() -> ArgumentParser:
     p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="demo_out", help="folder for the cohort, npz files and the run")
-    p.add_argument("--n_subjects", type=int, default=160)
-    p.add_argument("--records_per_subject", type=int, default=4)
+    p.add_argument("--n_subjects", type=int, default=160, help="persons in the synthetic cohort")
+    p.add_argument("--records_per_subject", type=int, default=4,
+                   help="records (visits) per person")
     p.add_argument("--seq_len", type=int, default=7500,
                    help="samples per record after resampling (7500 as in the seed document)")
-    p.add_argument("--epochs", type=int, default=12)
-    p.add_argument("--arch", default="small")
+    p.add_argument("--epochs", type=int, default=12, help="training epochs")
+    p.add_argument("--arch", default="small",
+                   help="Net1D size (see train_bp.py --arch); ecgfounder needs a GPU")
     return p
 
 

@@ -26,6 +26,8 @@ import torch
 
 from utils import UserError, all_gather_object, all_reduce_sum, progress, write_csv_atomic
 
+MMHG_DECIMALS = 4  # decimals of every predicted mmHg value (see to_mmhg)
+
 
 # ----------------------------------------------------------------------------- devices and AMP
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
@@ -134,7 +136,7 @@ def train_one_epoch(model: torch.nn.Module, loader, loss_fn, optimizer, device: 
             if scheduler is not None:
                 scheduler.step()
             total, n_seen = total + group_loss, n_seen + group_n
-            bar.set_postfix(loss=f"{total / n_seen:.4f}")
+            bar.set_postfix(loss=f"{total / n_seen:.4f}", refresh=False)
         else:
             n_bad += 1
         group_loss, group_n = 0.0, 0
@@ -150,11 +152,29 @@ def train_one_epoch(model: torch.nn.Module, loader, loss_fn, optimizer, device: 
             "records_per_s": n_seen / seconds if seconds > 0 else 0.0}
 
 
-@torch.no_grad()
+@contextlib.contextmanager
+def float32_inference(device: torch.device):
+    """Inference in IEEE float32 on every device: autocast off (even inside an autocast
+    region) and, on CUDA, no TF32 in matrix products and convolutions.
+
+    Evaluation during training and ``predict_bp.py`` both run here, so a checkpoint's
+    reported metrics and its later predictions agree to float32 precision whatever AMP
+    trained it. Inference is a small part of the cost, so nothing is lost that matters.
+    """
+    flags = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        with torch.no_grad(), torch.autocast(device_type=device.type, enabled=False):
+            yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
+
+
 def evaluate(model: torch.nn.Module, loader, loss_fn, device: torch.device,
-             amp_dtype: Optional[torch.dtype], target_mean: np.ndarray,
-             target_std: np.ndarray, desc: str = "eval") -> Dict[str, object]:
-    """Loss (normalised units) and ids, truths and predictions in mmHg, in loader order.
+             target_mean: np.ndarray, target_std: np.ndarray,
+             desc: str = "eval") -> Dict[str, object]:
+    """Loss (normalised units) and ids, truths and predictions in mmHg, in loader order,
+    computed in float32 (``float32_inference``).
 
     ``n`` is the number of records; in a distributed run each rank evaluates its own
     shard and ``gather_evaluation`` joins them.
@@ -164,20 +184,32 @@ def evaluate(model: torch.nn.Module, loader, loss_fn, device: torch.device,
     total, n = 0.0, 0
     for x, cov, y, batch_ids in progress(loader, desc=desc, unit="batch", leave=False):
         x, cov, y = (t.to(device, non_blocking=True) for t in (x, cov, y))
-        with autocast(device, amp_dtype):
-            pred = model(x, cov)
-        pred = pred.float()
+        with float32_inference(device):
+            pred = model(x, cov).float()
         total += loss_fn(pred, y).item() * len(x)
         n += len(x)
         ids.extend(batch_ids)
         truths.append(y.cpu().numpy())
         preds.append(pred.cpu().numpy())
+    n_targets = len(target_mean)
+    return {"loss": total / n if n else math.nan, "n": n, "ids": ids,
+            "y_true": _join(truths, n_targets) * np.asarray(target_std, dtype=np.float64)
+            + np.asarray(target_mean, dtype=np.float64),
+            "y_pred": to_mmhg(_join(preds, n_targets), target_mean, target_std)}
+
+
+def to_mmhg(pred: np.ndarray, target_mean: Sequence[float],
+            target_std: Sequence[float]) -> np.ndarray:
+    """Normalised model outputs (N, T) as mmHg, rounded to ``MMHG_DECIMALS``.
+
+    Every reported prediction passes here (evaluation and predict_bp.py), and the
+    prediction CSVs hold exactly these values, so every metric can be recomputed from a
+    CSV to the last bit. 1e-4 mmHg is far below clinical resolution and above float32
+    noise (about 1e-6 mmHg), so the rounding hides nothing.
+    """
     mean = np.asarray(target_mean, dtype=np.float64)
     std = np.asarray(target_std, dtype=np.float64)
-    n_targets = len(mean)
-    return {"loss": total / n if n else math.nan, "n": n, "ids": ids,
-            "y_true": _join(truths, n_targets) * std + mean,
-            "y_pred": _join(preds, n_targets) * std + mean}
+    return np.round(np.asarray(pred, dtype=np.float64) * std + mean, MMHG_DECIMALS)
 
 
 def _join(parts: List[np.ndarray], n_targets: int) -> np.ndarray:

@@ -412,14 +412,16 @@ def get_args_parser() -> ArgumentParser:
     p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help="HDF5 file to write")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-    p.add_argument("--n_subjects", type=int, default=40)
-    p.add_argument("--records_per_subject", type=int, default=3)
+    p.add_argument("--n_subjects", type=int, default=40, help="persons in the cohort")
+    p.add_argument("--records_per_subject", type=int, default=3,
+                   help="records (visits) per person")
     p.add_argument("--seed", type=int, default=0, help="same seed and flags = identical file")
     p.add_argument("--id_type", choices=ID_TYPES, default="bytes",
                    help="new_id as fixed-length bytes, variable-length str, or int (uid*100+k)")
     p.add_argument("--vlen", action="store_true",
                    help="signals as variable-length rows of different durations")
-    p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    p.add_argument("--dtype", choices=("float32", "float64"), default="float32",
+                   help="storage type of the signal rows")
     p.add_argument("--duration_s", type=float, default=15.0,
                    help="record duration; sets the rates (3630 and 4230 samples per record)")
     faults = p.add_argument_group("fault injection (for tests)")

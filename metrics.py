@@ -4,6 +4,8 @@ log and the plots comes from here (training, prediction, plotting and tests shar
 Errors are e = pred - true in mmHg. Per target:
 
 - CONTRACT section 3: ``mae``, ``rmse``, ``pearson``, ``r2``, ``me``, ``sd`` (ddof=1);
+- Bland-Altman proportional bias: ``ba_slope``, ``ba_intercept`` of the line
+  error = intercept + slope x (mean of true and predicted);
 - clinical: ``within_5/10/15`` (share of records with |e| <= 5/10/15 mmHg), ``bhs_grade``
   (British Hypertension Society), ``aami_pass`` (ANSI/AAMI/ISO 81060-2 criterion 1:
   |ME| <= 5 and SD <= 8), ``ieee1708_grade`` (IEEE 1708 MAE classes);
@@ -27,6 +29,7 @@ from typing import Dict, Optional, Sequence
 import numpy as np
 
 METRIC_KEYS = ("mae", "rmse", "pearson", "r2", "me", "sd")
+BLAND_ALTMAN_KEYS = ("ba_slope", "ba_intercept")
 CLINICAL_KEYS = ("within_5", "within_10", "within_15", "bhs_grade", "aami_pass", "ieee1708_grade")
 MEAN_KEYS = ("mae", "rmse", "pearson", "r2")
 WITHIN_MMHG = (5, 10, 15)
@@ -88,9 +91,9 @@ def target_metrics(y_true: np.ndarray, y_pred: np.ndarray) -> Dict[str, object]:
     t, p = _checked(y_true, y_pred)
     e = p - t
     sst = float(np.sum((t - t.mean()) ** 2))
-    std_t, std_p = float(t.std()), float(p.std())
-    if std_t > 0 and std_p > 0:
-        pearson = float(np.mean((t - t.mean()) * (p - p.mean())) / (std_t * std_p))
+    # constancy is tested exactly: the SD of a constant column can be 1e-16, not 0
+    if np.ptp(t) > 0 and np.ptp(p) > 0:
+        pearson = float(np.mean((t - t.mean()) * (p - p.mean())) / (t.std() * p.std()))
     else:
         pearson = 0.0
     out = {
@@ -101,11 +104,25 @@ def target_metrics(y_true: np.ndarray, y_pred: np.ndarray) -> Dict[str, object]:
         "me": float(np.mean(e)),
         "sd": float(np.std(e, ddof=1)) if e.size > 1 else 0.0,
     }
+    out["ba_slope"], out["ba_intercept"] = proportional_bias(t, p)
     out.update({f"within_{k}": within(e, k) for k in WITHIN_MMHG})
     out["bhs_grade"] = bhs_grade(out["within_5"], out["within_10"], out["within_15"])
     out["aami_pass"] = aami_pass(out["me"], out["sd"])
     out["ieee1708_grade"] = ieee1708_grade(out["mae"])
     return out
+
+
+def proportional_bias(y_true: np.ndarray, y_pred: np.ndarray) -> tuple:
+    """Bland-Altman proportional bias: (slope, intercept) of the least-squares line of the
+    error ``pred - true`` on the mean ``(pred + true) / 2``; a slope away from 0 means the
+    error grows with the pressure. (0.0, mean error) when the means are all equal."""
+    t, p = _checked(y_true, y_pred)
+    m, e = (p + t) / 2, p - t
+    if np.ptp(m) == 0:
+        return 0.0, float(e.mean())
+    mc = m - m.mean()
+    slope = float(np.sum(mc * (e - e.mean())) / np.sum(mc ** 2))
+    return slope, float(e.mean() - slope * m.mean())
 
 
 def regression_metrics(y_true: np.ndarray, y_pred: np.ndarray,

@@ -125,6 +125,7 @@ def bland_altman_title(target: str, m: dict) -> str:
     within = "/".join(f"{100 * m[f'within_{k}']:.0f}" for k in metrics.WITHIN_MMHG)
     aami = "pass" if m["aami_pass"] else "fail"
     return (f"{target}\nME {m['me']:.2f}   SD {m['sd']:.2f}   LoA {low:.1f} to {high:.1f} mmHg\n"
+            f"proportional bias: error = {m['ba_intercept']:.2f} {m['ba_slope']:+.3f} x mean\n"
             f"within 5/10/15 mmHg: {within} %\nBHS: {m['bhs_grade']}   AAMI: {aami}")
 
 
@@ -197,10 +198,13 @@ def bland_altman_figure(targets, y_true, y_pred, summaries, title) -> Figure:
         for sign in (-1, 1):
             loa = ax.axhline(m["me"] + sign * 1.96 * m["sd"], color="tab:red", lw=1.2, ls="--",
                              label="ME \u00b1 1.96 SD (limits of agreement)")
+        span = np.array([((t + p) / 2).min(), ((t + p) / 2).max()])
+        trend, = ax.plot(span, m["ba_intercept"] + m["ba_slope"] * span, color="tab:blue",
+                         lw=1.2, label="proportional bias (least-squares line)")
         ax.set(xlabel="mean of true and predicted (mmHg)", ylabel="predicted \u2212 true (mmHg)")
         ax.set_title(bland_altman_title(target, m), fontsize="medium")
         ax.grid(alpha=0.3)
-    figure_legend(fig, [points, me, loa, zero])
+    figure_legend(fig, [points, me, loa, trend, zero])
     fig.suptitle(title)
     return fig
 

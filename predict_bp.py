@@ -28,7 +28,6 @@ from typing import Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 import pandas as pd
 import torch
-from tqdm import tqdm
 
 import backbones
 import dataset
@@ -49,11 +48,16 @@ def get_args_parser() -> utils.ArgumentParser:
     p.add_argument("--output", required=True, help="predictions CSV to write")
     p.add_argument("--labels_csv", default=None, help="labels (ssoid + targets) to score against")
     p.add_argument("--id_key", default="new_id", help="with --h5_path: the id field")
-    p.add_argument("--meta_group", default=prep.META_GROUP)
-    p.add_argument("--ecg_key", default=prep.ECG_KEY)
-    p.add_argument("--ppg_key", default=prep.PPG_KEY)
-    p.add_argument("--batch_size", type=int, default=64)
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--meta_group", default=prep.META_GROUP,
+                   help="with --h5_path: HDF5 group of the metadata fields")
+    p.add_argument("--ecg_key", default=prep.ECG_KEY,
+                   help="with --h5_path: HDF5 dataset of the ECG rows")
+    p.add_argument("--ppg_key", default=prep.PPG_KEY,
+                   help="with --h5_path: HDF5 dataset of the PPG rows")
+    p.add_argument("--batch_size", type=int, default=64,
+                   help="records per forward pass (memory grows with it)")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                   help="auto: CUDA when available, else CPU")
     p.add_argument("--trust_checkpoint", action="store_true",
                    help="allow full unpickling of --checkpoint (only for a file you trust)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
@@ -155,7 +159,12 @@ def h5_batches(args, ckpt: dict, skipped: list,
     def batches() -> Iterator[Batch]:
         recs: List[prep.Record] = []
         xs: List[np.ndarray] = []
+        seen = set()
         for rec in itertools.chain([first], records):
+            if rec.id in seen:  # prepare's rule: the first row with an id is the record
+                skipped.append((rec.id, "duplicate_id"))
+                continue
+            seen.add(rec.id)
             x, reason = prep.record_to_x(rec.ecg, rec.ppg, ckpt["seq_len"])
             if reason:
                 skipped.append((rec.id, reason))
@@ -180,23 +189,21 @@ def encode_covariates(frame: pd.DataFrame, specs, filled: Counter) -> np.ndarray
 
 
 # ----------------------------------------------------------------------------- prediction
-@torch.no_grad()
 def predict(model, batches: Iterator[Batch], total: Optional[int], ckpt: dict,
             device: torch.device) -> Tuple[List[str], np.ndarray]:
     """Ids and predictions in mmHg, in the order of ``batches``."""
     model.to(device)
     ids: List[str] = []
     preds: List[np.ndarray] = []
-    with tqdm(total=total, desc="predict", unit="rec") as bar:
+    with utils.progress(total=total, desc="predict", unit="rec") as bar:
         for batch_ids, x, cov in batches:
-            preds.append(model(x.to(device), cov.to(device)).float().cpu().numpy())
+            with engine.float32_inference(device):
+                preds.append(model(x.to(device), cov.to(device)).float().cpu().numpy())
             ids += batch_ids
             bar.update(len(batch_ids))
     if not ids:
         raise UserError("no usable records to predict (see the skipped list above)")
-    mean = np.asarray(ckpt["target_mean"], dtype=np.float64)
-    std = np.asarray(ckpt["target_std"], dtype=np.float64)
-    return ids, np.concatenate(preds).astype(np.float64) * std + mean
+    return ids, engine.to_mmhg(np.concatenate(preds), ckpt["target_mean"], ckpt["target_std"])
 
 
 def truths(labels: pd.DataFrame, ids: Sequence[str]) -> pd.DataFrame:
@@ -210,25 +217,66 @@ def truths(labels: pd.DataFrame, ids: Sequence[str]) -> pd.DataFrame:
     return labels
 
 
+SPLIT_ORDER = ("new", "test", "val", "train", "unknown")
+SPLIT_MEANING = {"new": "records the checkpoint's run never saw",
+                 "test": "the run's test split", "val": "the run's validation split",
+                 "train": "records the model was trained on: not a measure of performance",
+                 "unknown": "the checkpoint does not say which records it was trained on"}
+
+
+def splits_of(ckpt: dict, ids: Sequence[str]) -> List[str]:
+    """Each record's split in the checkpoint's own run (``new`` if the run never saw it;
+    ``unknown`` for every record when the checkpoint predates the record of its split)."""
+    if "split_ids" not in ckpt:
+        print(f"warning: this checkpoint does not record its run's split, so the metrics "
+              f"cannot tell training records from new ones (split 'unknown')")
+        return ["unknown"] * len(ids)
+    where = {s: name for name, members in ckpt["split_ids"].items() for s in members}
+    return [where.get(i, "new") for i in ids]
+
+
+def split_reports(ckpt: dict, y_true: np.ndarray, y_pred: np.ndarray, subjects: np.ndarray,
+                  splits: np.ndarray) -> dict:
+    """One ``metrics.split_metrics`` block per split present among the fully labelled
+    records, in ``SPLIT_ORDER``."""
+    complete = ~np.isnan(y_true).any(axis=1)
+    report = {}
+    for name in SPLIT_ORDER:
+        keep = complete & (splits == name)
+        if keep.any():
+            report[name] = metrics.split_metrics(y_true[keep], y_pred[keep], subjects[keep],
+                                                 ckpt["target_cols"], ckpt["target_mean"])
+    return report
+
+
 def write_outputs(args, ckpt: dict, ids: List[str], y_pred: np.ndarray, skipped: list,
-                  labels: Optional[pd.DataFrame]) -> Optional[dict]:
+                  labels: Optional[pd.DataFrame]) -> dict:
+    """The predictions CSV (with each record's ``split``), the skipped list and, with
+    labels, ``<stem>_metrics.json``; returns the per-split metric blocks."""
     stem = os.path.splitext(args.output)[0]
     target_cols = list(ckpt["target_cols"])
-    report = None
-    y_true = None
+    splits = np.array(splits_of(ckpt, ids))
+    report, y_true = {}, None
     if labels is not None:
         labels = truths(labels, ids)
         y_true = labels[target_cols].to_numpy(np.float64)
-        complete = ~np.isnan(y_true).any(axis=1)
-        if complete.any():
-            report = metrics.split_metrics(y_true[complete], y_pred[complete],
-                                           labels["subject"].to_numpy()[complete], target_cols,
-                                           ckpt["target_mean"])
-    engine.write_predictions(args.output, ids, y_true, y_pred, target_cols)
+        report = split_reports(ckpt, y_true, y_pred, labels["subject"].to_numpy(), splits)
+    frame = engine.predictions_frame(ids, y_true, y_pred, target_cols).assign(split=splits)
+    utils.write_csv_atomic(args.output, frame)
     utils.write_csv_atomic(stem + "_skipped.csv", pd.DataFrame(skipped, columns=["ssoid", "reason"]))
-    if report is not None:
-        utils.write_json_atomic(stem + "_metrics.json", report)
+    if report:
+        utils.write_json_atomic(stem + "_metrics.json", {"target_cols": target_cols, **report})
     return report
+
+
+def summary(args, ids: List[str], skipped: list, report: dict, filled: Counter) -> str:
+    """What the run did, then one line per split with labels: never a mix of splits."""
+    lines = [f"predicted {len(ids)} records, skipped {len(skipped)}; wrote {args.output}"]
+    lines += [f"{name}: MAE mean {block['mean']['mae']:.2f} mmHg over {block['n_records']} "
+              f"labelled records ({SPLIT_MEANING[name]})" for name, block in report.items()]
+    lines += [f"covariate {name}: {n} values missing or unseen in training, filled as in "
+              f"training" for name, n in filled.items() if n]
+    return "\n".join(lines)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
@@ -247,11 +295,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         total, batches = h5_batches(args, ckpt, skipped, filled)
     ids, y_pred = predict(model, batches, total, ckpt, device)
     report = write_outputs(args, ckpt, ids, y_pred, skipped, labels)
-    print(f"predicted {len(ids)} records, skipped {len(skipped)}; wrote {args.output}"
-          + (f"; MAE mean {report['mean']['mae']:.2f} mmHg over {report['n_records']} "
-             f"labelled records" if report else "")
-          + "".join(f"\ncovariate {name}: {n} values missing or unseen in training, filled "
-                    f"as in training" for name, n in filled.items() if n))
+    print(summary(args, ids, skipped, report, filled))
 
 
 if __name__ == "__main__":

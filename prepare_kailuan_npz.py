@@ -17,14 +17,32 @@ not wrap around onto its start, which would ring at both edges; unlike ``resampl
 cost is O(n log n) for any pair of lengths, also for variable-length rows whose lengths share no
 factor (where a polyphase filter would need tens of thousands of taps).
 
-Rejected records (not written; listed in ``<output_csv stem>_rejected.csv`` as ``row,id,reason``):
+Rejected records (not written; listed in ``<output_csv stem>_rejected.csv`` as
+``row,id,reason,duplicate_of``):
 ``empty_ecg``/``empty_ppg`` (no samples), ``nan_or_inf_ecg``/``_ppg`` (a NaN or Inf sample, or a
 value beyond float32), ``flat_ecg``/``_ppg`` (peak-to-peak <= 1e-6 * max(1, largest magnitude)),
 ``unsafe_id`` (not ``[A-Za-z0-9][A-Za-z0-9._-]*``, holds ``..``, or longer than 200 characters, so
 it can never name a file outside ``--output_npz``), ``duplicate_id`` (the id of an earlier row:
 the first row with an id is used, later ones are rejected; each written file then pairs the
 signals and labels of one HDF5 row, and nothing usable is thrown away when records were exported
-twice). A record with a missing (NaN) label is written; its CSV cell is empty.
+twice), ``duplicate_signal`` (ECG and PPG identical to those of an earlier usable row, whose id
+is in ``duplicate_of``: the same recording stored under two ids, which a subject-wise split
+could put in train and test). A record with a missing (NaN) label is written; its CSV cell is
+empty.
+
+Signal digests: each row's digest is blake2b (16 bytes) of its raw ECG row then its raw PPG row,
+both as little-endian float32 (so a float64 copy of float32 samples matches); the labels CSV
+ends with it, as ``signal_digest`` (hex), so that ``train_bp.py`` can check that no recording
+sits in two splits. Only the digests (O(N) small values) are kept in memory.
+
+Subjects (``--subject_key``): with one field, ``subject_id`` is that field's value (text as it
+is, integers in decimal); with several (e.g. ``name age sex``), ``subject_id`` is
+``subject_hash`` of their values: 12 hex digits of blake2b (6 bytes) of the normalised values
+(text stripped and lower-cased, numbers in decimal without a trailing ``.0``) joined with
+``SUBJECT_SEP``, so the same person gets the same id in every run and no name is written. A
+record with a missing value (NaN, empty text) in any key field is kept with the subject
+``unknown_<record id>``: its own subject, never paired with another record; the summary counts
+and lists them.
 
 Re-runs and interruptions: every file is written to a temporary name and renamed, so an existing
 ``<id>.npz`` is complete; a re-run skips those, so running the same command again after an
@@ -33,20 +51,24 @@ removed at start. The labels and rejected CSVs are written whole at the end. ``-
 keeps a small manifest (input file size and time, keys, ``--target_seq_len``): a re-run into a
 folder prepared from another input or with other settings is refused instead of mixing records,
 and so is a folder of ``.npz`` files that this script did not write. An existing ``--output_csv``
-is replaced only if it is a labels CSV (first column ``ssoid``). Changing ``--target_cols`` or
-``--extra_cols`` and running again only rewrites the CSV.
+is replaced only if it is a labels CSV (first column ``ssoid``), and only by a run with the same
+input and settings, which ``<output_csv stem>_prepare.json`` records, unless ``--overwrite``:
+then changing ``--target_cols`` or ``--extra_cols`` and running again only rewrites the CSV.
+Missing folders of ``--output_npz`` and ``--output_csv`` are created.
 
 Memory: signals are read in chunks of rows by each worker (``--chunk_rows``), so memory does not
 grow with the cohort; the 1-D metadata columns (ids and labels, a few numbers per record, needed
 whole for the duplicate check and the CSV) are read at once.
 
 Reusable by ``predict_bp.py --h5_path`` and the training code: ``resample_signal``,
-``record_to_x``, ``iter_records``, ``decode_text``, ``is_safe_id``.
+``record_to_x``, ``iter_records``, ``decode_text``, ``is_safe_id``, ``signal_digest``,
+``subject_ids``.
 """
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import itertools
 import json
 import multiprocessing
@@ -62,17 +84,20 @@ import h5py
 import numpy as np
 import pandas as pd
 import scipy.fft
-from tqdm import tqdm
 
-from utils import ArgumentParser, UserError, run_cli, save_npz_atomic, write_csv_atomic, \
-    write_json_atomic
+from utils import ArgumentParser, UserError, progress, run_cli, save_npz_atomic, \
+    write_csv_atomic, write_json_atomic
 
 META_GROUP, ECG_KEY, PPG_KEY = "metadata", "signals/ecg", "signals/ppg"
 MAX_SEQ_LEN = 1_000_000
 MAX_ID_LEN = 200
 SAFE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 FLAT_TOL = 1e-6
-REJECTED_COLUMNS = ["row", "id", "reason"]
+# Files written before duplicate_of was added end at reason: the header check takes both.
+REJECTED_COLUMNS = ["row", "id", "reason", "duplicate_of"]
+DIGEST_COLUMN = "signal_digest"
+SUBJECT_SEP = "\x1f"  # ASCII unit separator: never part of a name, age or sex
+UNKNOWN_SUBJECT = "unknown_"
 MANIFEST = ".prepare_kailuan_npz.json"
 LOCK = ".prepare_kailuan_npz.lock"
 
@@ -322,13 +347,13 @@ def run_with_progress(tasks: List[Task], workers: int,
                       total: int) -> List[Tuple[int, str, Optional[str]]]:
     """All tasks' (row, id, reason) behind a progress bar; a clean message on Ctrl-C."""
     results: List[Tuple[int, str, Optional[str]]] = []
-    with tqdm(total=total, unit="rec", desc="prepare", file=sys.stderr) as progress:
+    with progress(total=total, unit="rec", desc="prepare") as bar:
         try:
             for done in run_tasks(tasks, workers):
                 results += done
-                progress.update(len(done))
+                bar.update(len(done))
         except KeyboardInterrupt:
-            progress.close()
+            bar.close()
             print(f"interrupted after {len(results)} of {total} records; every npz written is "
                   f"complete: run the same command again to finish", file=sys.stderr)
             raise SystemExit(130) from None
@@ -346,12 +371,26 @@ def rejected_path(output_csv: str) -> str:
     return os.path.splitext(output_csv)[0] + "_rejected.csv"
 
 
+def settings_path(output_csv: str) -> str:
+    """``<output_csv stem>_prepare.json``: the input and settings that made the labels CSV."""
+    return os.path.splitext(output_csv)[0] + "_prepare.json"
+
+
+def _nearest_existing(path: str) -> str:
+    path = os.path.abspath(path)
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    return path
+
+
 def check_outputs(output_npz: str, output_csv: str) -> None:
-    """Refuse output paths that can't be written or hold files this script did not write."""
+    """Refuse output paths that can't be written or hold files this script did not write.
+    Missing folders are fine (created when writing starts), a file in their place is not."""
     for flag, path in (("--output_npz", output_npz), ("--output_csv", output_csv)):
         parent = os.path.dirname(os.path.abspath(path))
-        if not os.path.isdir(parent):
-            raise UserError(f"{flag} {path}: folder {parent} does not exist")
+        blocker = _nearest_existing(parent)
+        if not os.path.isdir(blocker):
+            raise UserError(f"{flag} {path}: {blocker} is a file, not a folder")
     if os.path.exists(output_npz) and not os.path.isdir(output_npz):
         raise UserError(f"--output_npz {output_npz} exists and is not a folder")
     headers = {output_csv: "ssoid", rejected_path(output_csv): ",".join(REJECTED_COLUMNS)}
@@ -361,6 +400,33 @@ def check_outputs(output_npz: str, output_csv: str) -> None:
         if os.path.exists(path) and not _first_line(path).startswith(header):
             raise UserError(f"--output_csv: {path} exists and was not written by this script "
                             f"(its first line is not '{header}...'); choose another path")
+
+
+def check_labels_settings(output_csv: str, settings: dict, overwrite: bool) -> None:
+    """An existing labels CSV is rewritten only by a run with the same input and settings
+    (a re-run that finishes an interrupted one), or with ``--overwrite``."""
+    if overwrite or not os.path.exists(output_csv):
+        return
+    path = settings_path(output_csv)
+    if not os.path.isfile(path):
+        raise UserError(f"--output_csv {output_csv} already exists and {path}, which says how "
+                        f"it was made, does not; add --overwrite to replace it, or choose "
+                        f"another --output_csv")
+    with open(path, encoding="utf-8") as fh:
+        old = json.load(fh)
+    changed = [k for k in settings if k != "h5_path" and old.get(k) != settings[k]]
+    if changed:
+        what = "; ".join(f"{k} {old.get(k)} -> {settings[k]}" for k in changed)
+        raise UserError(f"--output_csv {output_csv} was made with other input or settings "
+                        f"({what}); add --overwrite to replace it, or choose another "
+                        f"--output_csv")
+
+
+def labels_settings(manifest: dict, args) -> dict:
+    """What the labels CSV depends on: the npz manifest, the npz folder and the columns."""
+    return {**manifest, "output_npz": os.path.abspath(args.output_npz),
+            "subject_key": args.subject_key, "target_cols": list(args.target_cols),
+            "extra_cols": list(args.extra_cols)}
 
 
 def manifest_for(cohort: Cohort, id_key: str, target_len: int) -> dict:
@@ -397,7 +463,8 @@ def remove_leftovers(output_npz: str, output_csv: str) -> int:
     """Delete temporary files of a killed run (``.<name>.<random>.tmp``); return how many."""
     removed = 0
     csv_dir = os.path.dirname(os.path.abspath(output_csv))
-    csv_names = (os.path.basename(output_csv), os.path.basename(rejected_path(output_csv)))
+    csv_names = tuple(os.path.basename(p) for p in (output_csv, rejected_path(output_csv),
+                                                     settings_path(output_csv)))
     for folder, names in ((output_npz, None), (csv_dir, csv_names)):
         for name in os.listdir(folder):
             ours = (name.startswith(".") and name.endswith(".tmp")
@@ -494,9 +561,14 @@ def get_args_parser() -> ArgumentParser:
     p.add_argument("--ecg_key", default=ECG_KEY, help="HDF5 dataset of the ECG rows")
     p.add_argument("--ppg_key", default=PPG_KEY, help="HDF5 dataset of the PPG rows")
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
-                   help="processes that resample, compress and write (compression dominates)")
+                   help="processes that resample, compress and write (compression "
+                        "dominates) (default: min(8, CPU cores), %(default)s here)")
     p.add_argument("--chunk_rows", type=int, default=256,
                    help="rows a worker reads at once; memory per worker grows with it")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --output_csv (and its _rejected.csv) made from "
+                        "another input or with other columns; without it such a run is "
+                        "refused, while a re-run with the same settings finishes the job")
     return p
 
 
@@ -527,15 +599,20 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         columns = read_columns(f[args.meta_group], [name for _, name in fields], text)
     check_outputs(args.output_npz, args.output_csv)
     manifest = manifest_for(cohort, args.id_key, args.target_seq_len)
+    settings = labels_settings(manifest, args)
+    check_labels_settings(args.output_csv, settings, args.overwrite)
     present = existing_npz(args.output_npz, manifest)
     usable, rejected = screen_ids(columns[args.id_key])
     # ---- nothing is written before this line
     os.makedirs(args.output_npz, exist_ok=True)
+    os.makedirs(os.path.dirname(os.path.abspath(args.output_csv)), exist_ok=True)
     with folder_lock(args.output_npz):
         n_leftovers = remove_leftovers(args.output_npz, args.output_csv)
         if n_leftovers:
             print(f"removed {n_leftovers} temporary files of an interrupted run")
         write_json_atomic(os.path.join(args.output_npz, MANIFEST), manifest)
+        # first: a killed run's re-run with the same settings may then finish the CSVs
+        write_json_atomic(settings_path(args.output_csv), settings)
         todo = [(row, rid) for row, rid in usable if rid not in present]
         tasks = make_tasks(todo, args.chunk_rows, args.workers, h5_path=args.h5_path,
                            id_key=args.id_key, meta_group=args.meta_group, ecg_key=args.ecg_key,

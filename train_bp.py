@@ -22,7 +22,6 @@ statistics and any checkpoint to the other ranks, so they need only --npz_dir (a
 """
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import subprocess
@@ -35,7 +34,6 @@ import pandas as pd
 import torch
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
-from tqdm import tqdm
 
 import backbones
 import dataset
@@ -54,8 +52,7 @@ RESUMABLE_CHANGES = {"resume", "overwrite", "num_workers", "device", "cache_dir"
 
 # ============================================================================= arguments
 def get_args_parser() -> utils.ArgumentParser:
-    p = utils.ArgumentParser(description=__doc__.split("\n\n")[0],
-                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = utils.ArgumentParser(description=__doc__.split("\n\n")[0])
     data = p.add_argument_group("data")
     data.add_argument("--npz_dir", required=True, help="folder of <ssoid>.npz from prepare_kailuan_npz.py")
     data.add_argument("--labels_csv", required=True, help="CSV with ssoid (+ subject_id) and the targets")
@@ -80,7 +77,8 @@ def get_args_parser() -> utils.ArgumentParser:
                            "decompression; costs N*L*2*4 bytes of disk")
     data.add_argument("--num_workers", type=int, default=min(4, os.cpu_count() or 1),
                       help="DataLoader worker processes per training process for reading "
-                           "npz files (unused with --cache_dir)")
+                           "npz files (unused with --cache_dir) (default: min(4, CPU cores), "
+                           "%(default)s here)")
     model = p.add_argument_group("model")
     model.add_argument("--arch", default="ecgfounder", choices=sorted(backbones.ARCHS),
                        help="Net1D size; ecgfounder is the published one that --pretrain loads into")
@@ -101,7 +99,8 @@ def get_args_parser() -> utils.ArgumentParser:
     model.add_argument("--head_hidden", type=int, default=256, help="width of the MLP head")
     model.add_argument("--dropout", type=float, default=0.1, help="dropout in the head")
     optim = p.add_argument_group("optimisation")
-    optim.add_argument("--epochs", type=int, default=40)
+    optim.add_argument("--epochs", type=int, default=40,
+                       help="passes over the train split (fewer with --patience)")
     optim.add_argument("--batch_size", type=int, default=256,
                        help="records per forward pass in each process (per GPU)")
     optim.add_argument("--accum_steps", type=int, default=1,
@@ -122,7 +121,8 @@ def get_args_parser() -> utils.ArgumentParser:
     optim.add_argument("--patience", type=int, default=10,
                        help="stop after this many epochs without a better val MAE; 0 never stops")
     run = p.add_argument_group("run")
-    run.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    run.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                     help="auto: CUDA when available, else CPU")
     run.add_argument("--amp", default="auto", choices=("auto", "bf16", "fp16", "off"),
                      help="mixed precision on CUDA: auto = bf16 where supported, else fp16")
     run.add_argument("--resume", action="store_true",
@@ -332,12 +332,14 @@ def build_optimizer(args, model, steps_per_epoch: int):
 
 
 # ============================================================================= checkpoints
-def checkpoint_payload(args, model, stats: dict, epoch: int, seq_len: int) -> dict:
-    """What bp_best.pth holds; ``model`` is the bare BPModel (no DDP or compile prefixes)."""
+def checkpoint_payload(args, model, stats: dict, epoch: int, seq_len: int,
+                       split_ids: Dict[str, List[str]]) -> dict:
+    """What bp_best.pth holds; ``model`` is the bare BPModel (no DDP or compile prefixes).
+    ``split_ids`` (the ssoids of each split) lets predict_bp.py report each split apart."""
     return {"model": model.state_dict(), "model_config": asdict(model.config), "epoch": epoch,
             "target_cols": list(args.target_cols), "modality": args.modality, "arch": args.arch,
             "fusion": args.fusion, "constrain": args.constrain, "zscore": not args.no_zscore,
-            "seq_len": seq_len, **stats, "args": vars(args)}
+            "seq_len": seq_len, **stats, "split_ids": split_ids, "args": vars(args)}
 
 
 def training_state(optimizer, scheduler, scaler, history: List[dict], best: dict,
@@ -419,6 +421,17 @@ def print_test_table(block: dict, target_cols: Sequence[str]) -> None:
     print(f"{'mean':<16}{m['mae']:8.2f}{m['rmse']:8.2f}{'':>8}{'':>8}{m['pearson']:7.3f}"
           f"{m['r2']:7.3f}{b['mae']:10.2f}"
           + (f"{cov['mean']['mae']:11.2f}{cov['mean']['model_mae_diff']:+12.2f}" if cov else ""))
+
+
+def run_line(args) -> str:
+    """The start-of-run line: versions and the settings that shape the run (every
+    argument is in args.json)."""
+    model = f"{args.arch} {args.modality}" + (f"/{args.fusion}" if args.fusion != "none" else "")
+    return (f"git {git_revision()}  torch {torch.__version__}  model {model}  "
+            f"targets {' '.join(args.target_cols)}"
+            + (f"  covariates {' '.join(args.covariates)}" if args.covariates else "")
+            + f"  epochs {args.epochs}  seed {args.seed}  out_dir {args.out_dir} "
+              f"(every argument: args.json there)")
 
 
 def git_revision() -> str:
@@ -519,15 +532,15 @@ def restore(saved: dict, model, optimizer, scheduler, scaler,
     return list(saved["history"]), dict(saved["best"])
 
 
-def evaluate_split(model, loaders, split: str, loss_fn, device, amp_dtype, stats: dict) -> dict:
+def evaluate_split(model, loaders, split: str, loss_fn, device, stats: dict) -> dict:
     """``engine.evaluate`` over every rank's shard, joined in the split's order."""
     loader = loaders[split]
-    result = engine.evaluate(model, loader, loss_fn, device, amp_dtype, stats["target_mean"],
+    result = engine.evaluate(model, loader, loss_fn, device, stats["target_mean"],
                              stats["target_std"], desc=split)
     return engine.gather_evaluation(result, loader.dataset.ids)
 
 
-def final_report(args, model, eval_model, loaders, loss_fn, device, amp_dtype,
+def final_report(args, model, eval_model, loaders, loss_fn, device,
                  rows: pd.DataFrame, stats: dict, dist: utils.DistInfo) -> Optional[dict]:
     """Evaluate the best checkpoint on val and test; rank 0 writes the predictions and
     metrics and returns the report (other ranks return None)."""
@@ -540,7 +553,7 @@ def final_report(args, model, eval_model, loaders, loss_fn, device, amp_dtype,
     report = {"target_cols": list(args.target_cols), "best_epoch": best["epoch"]}
     ridge = covariate_ridge(rows, args.target_cols, stats)
     for split in ("val", "test"):
-        result = evaluate_split(eval_model, loaders, split, loss_fn, device, amp_dtype, stats)
+        result = evaluate_split(eval_model, loaders, split, loss_fn, device, stats)
         if not dist.is_main:
             continue
         # the truths as the labels CSV holds them, not round-tripped through float32
@@ -557,10 +570,11 @@ def final_report(args, model, eval_model, loaders, loss_fn, device, amp_dtype,
     return report
 
 
-def save_epoch(args, model, stats: dict, epoch: int, seq_len: int, improved: bool,
-               state: dict, history: List[dict]) -> None:
+def save_epoch(args, model, stats: dict, epoch: int, rows: pd.DataFrame, seq_len: int,
+               improved: bool, state: dict, history: List[dict]) -> None:
     """bp_best.pth (when improved), bp_last.pth and history.csv; rank 0 only."""
-    payload = checkpoint_payload(args, model, stats, epoch, seq_len)
+    split_ids = {name: part["ssoid"].tolist() for name, part in rows.groupby("split")}
+    payload = checkpoint_payload(args, model, stats, epoch, seq_len, split_ids)
     if improved:
         utils.save_checkpoint(os.path.join(args.out_dir, "bp_best.pth"), payload)
     utils.save_checkpoint(os.path.join(args.out_dir, "bp_last.pth"), {**payload, **state})
@@ -580,8 +594,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
 
 
 def train(args, dist: utils.DistInfo, device: torch.device) -> None:
-    print(f"git {git_revision()}  torch {torch.__version__}  "
-          + "  ".join(f"{k}={v}" for k, v in sorted(vars(args).items())))
+    print(run_line(args))
     amp_dtype = engine.resolve_amp(args.amp, device)
     utils.seed_everything(args.seed + dist.rank)  # own dropout masks per rank
 
@@ -602,7 +615,8 @@ def train(args, dist: utils.DistInfo, device: torch.device) -> None:
     train_model, eval_model = wrap_model(args, model, device, dist)
     if dist.is_main:
         write_run_files(args, rows, skipped)
-    print(f"device {device}  amp {amp_dtype}  processes {dist.world_size}  "
+    backend = f" ({torch.distributed.get_backend()})" if dist.enabled else ""
+    print(f"device {device}  amp {amp_dtype}  processes {dist.world_size}{backend}  "
           f"records per step {args.batch_size} x {args.accum_steps} x {dist.world_size} = "
           f"{args.batch_size * args.accum_steps * dist.world_size}  "
           f"lr backbone {args.lr_backbone:g} head {args.lr_head:g}  "
@@ -619,7 +633,7 @@ def train(args, dist: utils.DistInfo, device: torch.device) -> None:
         train_stats = engine.train_one_epoch(train_model, loaders["train"], loss_fn, optimizer,
                                              device, amp_dtype, scaler, args.grad_clip, epoch,
                                              scheduler, args.accum_steps)
-        val = evaluate_split(eval_model, loaders, "val", loss_fn, device, amp_dtype, stats)
+        val = evaluate_split(eval_model, loaders, "val", loss_fn, device, stats)
         val_metrics = metrics.regression_metrics(val["y_true"], val["y_pred"], args.target_cols)
         row = history_row(epoch, train_stats, val, val_metrics, args.target_cols, optimizer,
                           time.perf_counter() - tic)
@@ -629,12 +643,12 @@ def train(args, dist: utils.DistInfo, device: torch.device) -> None:
             best = {"epoch": epoch, "val_mae_mean": row["val_mae_mean"]}
         rng_states = utils.all_gather_object(torch.get_rng_state())
         if dist.is_main:
-            save_epoch(args, model, stats, epoch, seq_len, improved, training_state(
+            save_epoch(args, model, stats, epoch, rows, seq_len, improved, training_state(
                 optimizer, scheduler, scaler, history, best, rng_states), history)
-            tqdm.write(epoch_line(epoch, args.epochs, row, args.target_cols, improved))
+            print(epoch_line(epoch, args.epochs, row, args.target_cols, improved))
 
     # ---------------------------------------------------------------- results
-    report = final_report(args, model, eval_model, loaders, loss_fn, device, amp_dtype, rows,
+    report = final_report(args, model, eval_model, loaders, loss_fn, device, rows,
                           stats, dist)
     if report is None:
         return

@@ -34,8 +34,23 @@ class UserError(Exception):
     """Bad input or bad invocation: reported as ``error: <message>``, exit status 2."""
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """``--help`` shows each flag's default, except for required flags and flags whose
+    default is None (their help says what happens without them)."""
+
+    def _get_help_string(self, action):
+        if action.required or action.default is None:
+            return action.help
+        return super()._get_help_string(action)
+
+
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse that reports a bad invocation as a ``UserError`` (one line, status 2)."""
+    """argparse that reports a bad invocation as a ``UserError`` (one line, status 2) and
+    shows the defaults in ``--help``."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):  # noqa: D401 - argparse API
         raise UserError(message)
@@ -44,6 +59,9 @@ class ArgumentParser(argparse.ArgumentParser):
 def run_cli(main: Callable[[Optional[Sequence[str]]], None],
             argv: Optional[Sequence[str]] = None) -> int:
     """Run ``main(argv)``; turn a ``UserError`` into a one-line message and status 2."""
+    # a log file gets each line as it is printed, in order with stderr (no block buffering)
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(line_buffering=True)
     try:
         main(argv)
     except UserError as exc:
@@ -206,20 +224,56 @@ def save_checkpoint(path: str, payload: dict) -> None:
 
 # ----------------------------------------------------------------------------- progress
 _SHOW_PROGRESS = True
+LOG_EVERY_S = 60.0  # seconds between progress lines when the output is a file or a pipe
+
+
+class _ProgressLines(tqdm):
+    """tqdm for output that is not a terminal (batch jobs, ``nohup``, ``> log``): a plain
+    line at most every ``LOG_EVERY_S`` seconds, and only for work that lasts that long; no
+    carriage-return frames and nothing on closing (the caller prints its own summary)."""
+
+    def display(self, msg=None, pos=None):
+        if msg == "":  # tqdm clearing its line: nothing to clear in a log
+            return False
+        now = self._time()
+        last = getattr(self, "_line_t", getattr(self, "start_t", now - self.mininterval))
+        if now - last < self.mininterval:
+            return True  # an explicit refresh (set_postfix) does not add lines either
+        self._line_t = now
+        self.fp.write((self.__str__() if msg is None else msg).strip() + "\n")
+        self.fp.flush()
+        return True
+
+    def clear(self, nolock=False):
+        pass
+
+    def close(self):
+        if not self.disable:
+            self.disable = True
+            self._decr_instances(self)
 
 
 def progress(iterable=None, **kwargs) -> tqdm:
-    """A tqdm bar, hidden on ranks other than 0 of a distributed run."""
+    """A progress bar on stderr: tqdm's bar in a terminal, plain lines every
+    ``LOG_EVERY_S`` seconds otherwise; hidden on ranks other than 0 of a distributed run."""
+    kwargs.setdefault("file", sys.stderr)
+    if not getattr(kwargs["file"], "isatty", lambda: False)():
+        kwargs.update(delay=LOG_EVERY_S, mininterval=LOG_EVERY_S)
+        return _ProgressLines(iterable, disable=not _SHOW_PROGRESS, **kwargs)
     return tqdm(iterable, disable=not _SHOW_PROGRESS, **kwargs)
 
 
 # ----------------------------------------------------------------------------- distributed
 @dataclass(frozen=True)
 class DistInfo:
-    """This process's place in a torchrun job (rank 0 of 1 without torchrun)."""
+    """This process's place in a torchrun job (rank 0 of 1 without torchrun).
+
+    ``enabled``: launched by torchrun, even as its only process, so that
+    ``torchrun --nproc_per_node=1`` runs the real process group (NCCL) and DDP paths."""
     rank: int = 0
     local_rank: int = 0
     world_size: int = 1
+    torchrun: bool = False
 
     @property
     def is_main(self) -> bool:
@@ -227,7 +281,7 @@ class DistInfo:
 
     @property
     def enabled(self) -> bool:
-        return self.world_size > 1
+        return self.torchrun
 
 
 def dist_env() -> DistInfo:
@@ -243,7 +297,7 @@ def dist_env() -> DistInfo:
     if not (0 <= rank < world and 0 <= local_rank <= rank):
         raise UserError(f"distributed environment: RANK {rank}, LOCAL_RANK {local_rank}, "
                         f"WORLD_SIZE {world} do not fit together")
-    return DistInfo(rank, local_rank, world)
+    return DistInfo(rank, local_rank, world, torchrun=True)
 
 
 def init_distributed(info: DistInfo, backend: str) -> None:

@@ -30,14 +30,18 @@ TARGETS = ["right_arm_dbp", "left_arm_mbp", "right_arm_pp", "right_arm_sbp", "le
 
 def get_args_parser() -> ArgumentParser:
     p = ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", default="bench_out/fusion")
-    p.add_argument("--n_subjects", type=int, default=120)
-    p.add_argument("--records_per_subject", type=int, default=4)
-    p.add_argument("--seq_len", type=int, default=2500)
-    p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--arch", default="small")
-    p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
-    p.add_argument("--fusions", nargs="+", default=["late", "mid", "early"])
+    p.add_argument("--out", default="bench_out/fusion",
+                   help="folder for the cohort, the runs and the table (replaced)")
+    p.add_argument("--n_subjects", type=int, default=120, help="persons in the synthetic cohort")
+    p.add_argument("--records_per_subject", type=int, default=4,
+                   help="records (visits) per person")
+    p.add_argument("--seq_len", type=int, default=2500, help="samples per record after prep")
+    p.add_argument("--epochs", type=int, default=10, help="training epochs per run")
+    p.add_argument("--arch", default="small", help="Net1D size of every run")
+    p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3],
+                   help="one run per seed (the seed also draws the subject split)")
+    p.add_argument("--fusions", nargs="+", default=["late", "mid", "early"],
+                   help="models to compare")
     return p
 
 

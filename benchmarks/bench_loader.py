@@ -42,10 +42,10 @@ def get_args_parser() -> ArgumentParser:
     p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--npz_dir", default=None, help="prepared records (default: make a cohort)")
     p.add_argument("--labels_csv", default=None, help="with --npz_dir: its labels CSV")
-    p.add_argument("--target_cols", nargs="+", default=TARGETS)
+    p.add_argument("--target_cols", nargs="+", default=TARGETS, help="label columns of the cohort")
     p.add_argument("--n_records", type=int, default=1200, help="size of the synthetic cohort")
-    p.add_argument("--seq_len", type=int, default=7500)
-    p.add_argument("--batch_size", type=int, default=64)
+    p.add_argument("--seq_len", type=int, default=7500, help="samples per record")
+    p.add_argument("--batch_size", type=int, default=64, help="records per batch")
     p.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2],
                    help="--num_workers values to time the npz loader with")
     p.add_argument("--passes", type=int, default=3, help="timed epochs per loader")

@@ -16,7 +16,6 @@ same arch's ECG-only model, measured in the same run.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
@@ -27,14 +26,16 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from backbones import ARCHS, MODALITY_CHANNELS, build_bp_model, count_parameters  # noqa: E402
+from utils import ArgumentParser, run_cli  # noqa: E402
 
 CONFIGS = (("ecg", "none"), ("ppg", "none"), ("both", "late"), ("both", "mid"),
            ("both", "early"))
 
 
-def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--archs", nargs="+", default=list(ARCHS), choices=list(ARCHS))
+def get_args_parser() -> ArgumentParser:
+    parser = ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--archs", nargs="+", default=list(ARCHS), choices=list(ARCHS),
+                        help="Net1D sizes to time")
     parser.add_argument("--length", type=int, default=7500, help="samples per record")
     parser.add_argument("--batch_size", type=int, default=None,
                         help="records per step (default 8 on CPU, 64 on CUDA)")
@@ -42,8 +43,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="timed steps (default 3 on CPU, 20 on CUDA)")
     parser.add_argument("--warmup", type=int, default=None,
                         help="untimed steps first (default 2 on CPU, 5 on CUDA)")
-    parser.add_argument("--n_targets", type=int, default=5)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--n_targets", type=int, default=5, help="outputs of the head")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="cuda when available, else cpu (here %(default)s)")
     return parser
 
 
@@ -118,4 +120,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(run_cli(main))

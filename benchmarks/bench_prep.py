@@ -46,8 +46,10 @@ WRAPPER = ("import resource, subprocess, sys; status = subprocess.call(sys.argv[
 def get_args_parser() -> ArgumentParser:
     p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--n_records", type=int, default=600, help="cohort size for the speed table")
-    p.add_argument("--target_seq_len", type=int, default=7500)
-    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--target_seq_len", type=int, default=7500,
+                   help="samples per signal after resampling")
+    p.add_argument("--repeats", type=int, default=2,
+                   help="timed runs of each configuration (the best is reported)")
     p.add_argument("--peak_rss", type=int, default=0, metavar="N",
                    help="instead of the speed table, measure memory on an N-record cohort")
     p.add_argument("--workers", type=int, default=2, help="workers for --peak_rss")

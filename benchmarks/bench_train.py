@@ -35,21 +35,25 @@ from utils import ArgumentParser, run_cli  # noqa: E402
 
 def get_args_parser() -> ArgumentParser:
     p = ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--arch", default="ecgfounder", choices=sorted(backbones.ARCHS))
+    p.add_argument("--arch", default="ecgfounder", choices=sorted(backbones.ARCHS),
+                   help="Net1D size of both encoders")
     p.add_argument("--fusions", nargs="+", default=["early", "late"],
                    choices=backbones.FUSIONS, help="ECG+PPG models to time")
-    p.add_argument("--batch_size", type=int, default=256)
+    p.add_argument("--batch_size", type=int, default=256, help="records per training step")
     p.add_argument("--length", type=int, default=7500, help="samples per record")
     p.add_argument("--steps", type=int, default=10, help="timed training steps")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first")
-    p.add_argument("--n_targets", type=int, default=5)
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    p.add_argument("--amp", default="auto", choices=("auto", "bf16", "fp16", "off"))
+    p.add_argument("--n_targets", type=int, default=5, help="outputs of the head")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                   help="auto: CUDA when available, else CPU")
+    p.add_argument("--amp", default="auto", choices=("auto", "bf16", "fp16", "off"),
+                   help="autocast on CUDA: auto = bf16 where supported, else fp16")
     p.add_argument("--compile", action="store_true", help="also time the torch.compiled model")
     p.add_argument("--loader_records", type=int, default=2000,
                    help="synthetic records for the loader timing (0: skip it)")
     p.add_argument("--num_workers", type=int, default=min(8, os.cpu_count() or 1),
-                   help="workers of the npz loader")
+                   help="workers of the npz loader (default: min(8, CPU cores), "
+                        "%(default)s here)")
     return p
 
 

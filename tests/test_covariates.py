@@ -17,7 +17,7 @@ import dataset
 import metrics
 import predict_bp
 import train_bp
-from conftest import ROOT, error_line, prepared_cohort
+from conftest import MMHG_ATOL, ROOT, error_line, prepared_cohort
 from utils import UserError
 
 TARGETS = ["right_arm_sbp", "right_arm_dbp", "left_arm_mbp"]
@@ -232,7 +232,7 @@ def test_predict_reproduces_test_predictions_from_csv_and_from_hdf5(run, cohort,
         for t in TARGETS:
             if source[0] == "--npz_dir":  # other batches than training's: float rounding
                 np.testing.assert_allclose(pred[f"{t}_pred"], test[f"{t}_pred"], rtol=0,
-                                           atol=1e-6)
+                                           atol=MMHG_ATOL)
             else:  # the HDF5 has the BMI values the extended CSV blanked: other inputs
                 assert np.isfinite(pred[f"{t}_pred"]).all()
     with_bmi = pd.read_csv(tmp_path / "h5_path.csv", dtype={"ssoid": str}).set_index("ssoid")
@@ -240,7 +240,7 @@ def test_predict_reproduces_test_predictions_from_csv_and_from_hdf5(run, cohort,
     kept = [s for s in test["ssoid"] if not np.isnan(labels.loc[s, "bmi"])]
     np.testing.assert_allclose(with_bmi.loc[kept, f"{TARGETS[0]}_pred"],
                                test.set_index("ssoid").loc[kept, f"{TARGETS[0]}_pred"],
-                               rtol=0, atol=1e-6)
+                               rtol=0, atol=MMHG_ATOL)
 
 
 def _predict_cli(argv):

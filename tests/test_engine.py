@@ -116,7 +116,7 @@ def test_evaluate_returns_mmhg_in_loader_order():
     model = _Linear()
     loader = _loader(n=6)
     mean, std = np.array([120.0, 80.0]), np.array([15.0, 10.0])
-    out = engine.evaluate(model, loader, torch.nn.MSELoss(), torch.device("cpu"), None, mean, std)
+    out = engine.evaluate(model, loader, torch.nn.MSELoss(), torch.device("cpu"), mean, std)
     x = loader.dataset.x
     with torch.no_grad():
         raw = model(x, torch.zeros(len(x), 0))
@@ -126,6 +126,30 @@ def test_evaluate_returns_mmhg_in_loader_order():
     np.testing.assert_allclose(out["y_true"], loader.dataset.y.numpy() * std + mean, rtol=1e-6)
     expected = torch.nn.functional.mse_loss(raw, loader.dataset.y).item()
     assert out["loss"] == pytest.approx(expected, rel=1e-5)
+
+
+def test_evaluation_runs_in_float32_even_inside_an_autocast_region():
+    # training may run under bf16 autocast; evaluation and predict_bp.py never do, so the
+    # reported metrics and later predictions agree whatever AMP trained the checkpoint
+    torch.manual_seed(0)
+    model = _Linear()
+    loader = _loader(n=8)
+    mean, std = np.array([120.0, 80.0]), np.array([15.0, 10.0])
+    plain = engine.evaluate(model, loader, torch.nn.MSELoss(), torch.device("cpu"), mean, std)
+    x = loader.dataset.x
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = engine.evaluate(model, loader, torch.nn.MSELoss(), torch.device("cpu"), mean,
+                                 std)
+        with torch.no_grad():
+            bf16 = model(x, torch.zeros(len(x), 0))
+    assert bf16.dtype == torch.bfloat16  # what autocast alone would have given
+    np.testing.assert_array_equal(inside["y_pred"], plain["y_pred"])
+    assert np.abs(engine.to_mmhg(bf16.float().numpy(), mean, std) - plain["y_pred"]).max() > 1e-3
+
+
+def test_to_mmhg_rounds_to_what_a_csv_reads_back():
+    out = engine.to_mmhg(np.array([[0.123456789, -1.0]]), [120.0, 80.0], [15.0, 10.0])
+    assert out.tolist() == [[float("121.8519"), 70.0]]
 
 
 def test_gather_evaluation_joins_shards_in_split_order(monkeypatch):

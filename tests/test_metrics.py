@@ -43,7 +43,8 @@ def test_regression_metrics_mean_averages_targets():
     assert out["per_target"]["b"]["mae"] == pytest.approx(2.0)
     assert out["mean"]["mae"] == pytest.approx(1.5)
     assert set(out["mean"]) == {"mae", "rmse", "pearson", "r2"}
-    assert list(out["per_target"]["a"]) == list(metrics.METRIC_KEYS + metrics.CLINICAL_KEYS)
+    assert list(out["per_target"]["a"]) == list(
+        metrics.METRIC_KEYS + metrics.BLAND_ALTMAN_KEYS + metrics.CLINICAL_KEYS)
 
 
 @pytest.mark.parametrize("true,pred", [([1.0, np.nan], [1.0, 2.0]), ([1.0], [np.inf]),
@@ -201,3 +202,26 @@ def test_split_metrics_refuse_mismatched_subjects():
     with pytest.raises(ValueError, match="2 subjects for 1 records"):
         metrics.split_metrics(np.array([[120.0]]), np.array([[125.0]]), ["a", "b"], ["sbp"],
                               [120.0])
+
+
+def test_constant_predictor_has_pearson_exactly_zero():
+    # a constant column's float64 SD can come out as 1e-14 rather than 0 (the mean is
+    # rounded); the rule "0.0 when either side is constant" must hold exactly anyway
+    t = np.array([101.0, 87.5, 93.25, 120.0, 99.0, 110.5, 95.0])
+    p = np.full_like(t, 123.3)
+    assert metrics.target_metrics(t, p)["pearson"] == 0.0
+    assert metrics.target_metrics(p, t)["pearson"] == 0.0
+
+
+def test_proportional_bias_is_the_least_squares_line_of_error_on_mean():
+    t = np.array([100.0, 110.0, 120.0, 130.0, 140.0])
+    p = 0.8 * t + 25.0  # under-predicts high pressures: error = 25 - 0.2 t
+    m = metrics.target_metrics(t, p)
+    mean, err = (t + p) / 2, p - t
+    slope, intercept = np.polyfit(mean, err, 1)
+    assert m["ba_slope"] == pytest.approx(slope, rel=1e-12)
+    assert m["ba_intercept"] == pytest.approx(intercept, rel=1e-12)
+    # error = 25 - 0.2 t and mean = 0.9 t + 12.5, so error = 25 - 0.2 (mean - 12.5) / 0.9
+    assert m["ba_slope"] == pytest.approx(-0.2 / 0.9, rel=1e-12)
+    flat = metrics.target_metrics(np.array([100.0, 110.0]), np.array([110.0, 100.0]))
+    assert (flat["ba_slope"], flat["ba_intercept"]) == (0.0, 0.0)

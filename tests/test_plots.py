@@ -90,8 +90,11 @@ def test_titles_carry_the_reported_metrics():
         "sbp\nMAE 4.00 mmHg (95% CI 1.25\u20136.50)\nr 0.000   R\u00b2 0.000   IEEE 1708: A")
     # e = 5, -10, 0, 1: ME -1, SD sqrt(122 / 3), LoA ME -/+ 1.96 SD
     sd = np.sqrt(122 / 3)
+    # means of true and predicted 122.5, 115, 120, 120.5: errors rise with them
+    slope, intercept = np.polyfit([122.5, 115, 120, 120.5], [5, -10, 0, 1], 1)
     assert plot_results.bland_altman_title("sbp", m) == (
         f"sbp\nME -1.00   SD {sd:.2f}   LoA {-1 - 1.96 * sd:.1f} to {-1 + 1.96 * sd:.1f} mmHg\n"
+        f"proportional bias: error = {intercept:.2f} {slope:+.3f} x mean\n"
         "within 5/10/15 mmHg: 75/100/100 %\nBHS: A   AAMI: pass")
 
 

@@ -1,6 +1,7 @@
 """prepare_kailuan_npz.py: the files of CONTRACT section 2, the resampler against analytic
 sines, every rejection reason, id safety, kill-and-rerun, id and storage types, and real
 ICU waveforms keeping their heart rate."""
+import json
 import os
 import signal
 import subprocess
@@ -115,6 +116,7 @@ def test_unsafe_ids_write_nothing_outside_the_output_folder(faulty):
     found = {os.path.relpath(os.path.join(d, f), base) for d, _, fs in os.walk(base) for f in fs}
     npz = {f"out/npz/{i}.npz" for i in faulty["labels"]["ssoid"]}
     assert found == npz | {"cohort.h5", "out/labels.csv", "out/labels_rejected.csv",
+                           "out/labels_prepare.json",
                            f"out/npz/{prep.MANIFEST}", f"out/npz/{prep.LOCK}"}
 
 
@@ -233,7 +235,7 @@ BAD = [
     (["--target_seq_len", "1"], "--target_seq_len must be in [2, 1000000], got 1"),
     (["--target_seq_len", "10000000"], "--target_seq_len must be in"),
     (["--workers", "0"], "--workers must be >= 1, got 0"),
-    (["--output_csv", "{b}/no/labels.csv"], "--output_csv {b}/no/labels.csv: folder"),
+    (["--output_csv", "{b}/c.h5/labels.csv"], "--output_csv {b}/c.h5/labels.csv: {b}/c.h5 is a file"),
     (["--output_csv", "{b}/mine.csv"], "{b}/mine.csv exists and was not written by this script"),
     (["--extra_cols", "right_arm_sbp"], "column right_arm_sbp would appear twice"),
     (["--bogus"], "unrecognized arguments: --bogus"),
@@ -295,11 +297,41 @@ def test_rerun_skips_written_files_and_rewrites_only_the_csv(small, tmp_path, ca
     stamps = {f: os.stat(npz / f).st_mtime_ns for f in os.listdir(npz) if f.endswith(".npz")}
     (npz / ".100001_1.npz.abcd1234.tmp").write_bytes(b"partial")  # left by a killed run
     capsys.readouterr()
-    prep.main(prep_argv(small / "c.h5", tmp_path, targets=["left_arm_dbp"], seq=300))
+    prep.main(argv)  # the same settings again: a resume, allowed
+    assert "4 records: 4 written (4 already there), 0 rejected" in capsys.readouterr().out
+    other = prep_argv(small / "c.h5", tmp_path, targets=["left_arm_dbp"], seq=300)
+    labels_before = (tmp_path / "labels.csv").read_text()
+    assert run_cli(prep.main, other) == 2  # other columns would replace the user's CSV
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "add --overwrite" in err
+    assert "target_cols ['right_arm_sbp'] -> ['left_arm_dbp']" in err
+    assert (tmp_path / "labels.csv").read_text() == labels_before
+    prep.main(other + ["--overwrite"])
     assert "4 records: 4 written (4 already there), 0 rejected" in capsys.readouterr().out
     assert {f: os.stat(npz / f).st_mtime_ns for f in stamps} == stamps
     assert not (npz / ".100001_1.npz.abcd1234.tmp").exists()
     assert list(pd.read_csv(tmp_path / "labels.csv").columns) == ["ssoid", "left_arm_dbp"]
+
+
+def test_missing_output_folders_are_created(small, tmp_path):
+    run = tmp_path / "data" / "run1"
+    prep.main(["--h5_path", str(small / "c.h5"), "--target_cols", "right_arm_sbp",
+               "--output_npz", str(run / "npz"), "--output_csv", str(run / "labels.csv"),
+               "--target_seq_len", "300", "--workers", "1"])
+    assert len(list((run / "npz").glob("*.npz"))) == 4
+    assert sorted(os.listdir(run)) == ["labels.csv", "labels_prepare.json",
+                                       "labels_rejected.csv", "npz"]
+    settings = json.load(open(run / "labels_prepare.json"))
+    assert settings["target_cols"] == ["right_arm_sbp"] and settings["target_seq_len"] == 300
+
+
+def test_labels_csv_without_its_settings_file_is_kept(small, tmp_path, capsys):
+    argv = prep_argv(small / "c.h5", tmp_path, targets=["right_arm_sbp"], seq=300)
+    (tmp_path / "labels.csv").write_text("ssoid,right_arm_sbp\nmine,1\n")
+    assert run_cli(prep.main, argv) == 2
+    assert "labels_prepare.json, which says how it was made, does not" in capsys.readouterr().err
+    assert (tmp_path / "labels.csv").read_text() == "ssoid,right_arm_sbp\nmine,1\n"
+    assert not (tmp_path / "npz").exists()
 
 
 def test_killed_run_then_rerun_equals_a_clean_run(tmp_path):

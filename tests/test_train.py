@@ -50,6 +50,7 @@ def _metrics_from_csv(path):
         out[t] = {"mae": np.abs(e).mean(), "rmse": np.sqrt((e ** 2).mean()), "me": e.mean(),
                   "sd": e.std(ddof=1), "pearson": np.corrcoef(y, p)[0, 1],
                   "r2": 1 - (e ** 2).sum() / ((y - y.mean()) ** 2).sum()}
+        out[t]["ba_slope"], out[t]["ba_intercept"] = np.polyfit((y + p) / 2, e, 1)
     return out, len(frame)
 
 
@@ -98,9 +99,11 @@ def test_final_metrics_equal_recomputation_from_prediction_csvs(run):
         block = metrics[name]
         assert block["n_records"] == n == int((split["split"] == name).sum())
         assert block["n_subjects"] == split.loc[split["split"] == name, "subject_id"].nunique()
-        for t in TARGETS:
+        for t in TARGETS:  # the CSV holds the exact values the metrics came from
             for k, v in recomputed[t].items():
                 assert block["per_target"][t][k] == pytest.approx(v, rel=1e-9, abs=1e-9), (name, t, k)
+            preds = pd.read_csv(os.path.join(run, f"{name}_predictions.csv"))[f"{t}_pred"]
+            assert (preds.round(4) == preds).all()  # 1e-4 mmHg, not 17 digits
         assert block["mean"]["mae"] == pytest.approx(np.mean([recomputed[t]["mae"] for t in TARGETS]))
 
 
@@ -251,3 +254,20 @@ def test_prediction_truths_equal_the_labels_csv_exactly(run, cohort):
     for t in TARGETS:
         np.testing.assert_array_equal(pred[f"{t}_true"].to_numpy(),
                                       labels.loc[pred["ssoid"], t].to_numpy())
+
+
+def test_log_redirected_to_a_file_reads_as_lines(cohort, tmp_path):
+    out = tmp_path / "logged"
+    log = tmp_path / "train.log"
+    with open(log, "w") as fh:  # a batch job: stdout and stderr into one file
+        code = subprocess.call([sys.executable, os.path.join(ROOT, "train_bp.py"),
+                                *train_argv(cohort, out)], cwd=ROOT, stdout=fh, stderr=fh)
+    text = log.read_text()
+    assert code == 0 and "\r" not in text
+    lines = text.splitlines()
+    assert [ln.split()[1] for ln in lines if ln.startswith("epoch ")] == ["1/3", "2/3", "3/3"]
+    assert lines[0].startswith("git ") and len(lines[0]) < 300
+    assert f"out_dir {out} (every argument: args.json there)" in lines[0]
+    assert max(len(ln) for ln in lines) < 400
+    table = lines.index(next(ln for ln in lines if ln.startswith("test metrics (mmHg)")))
+    assert lines[table + 2].split()[0] == TARGETS[0]

@@ -94,6 +94,10 @@ def test_dist_env_reads_torchrun_variables(monkeypatch):
     info = utils.dist_env()
     assert (info.rank, info.local_rank, info.world_size) == (3, 1, 4)
     assert info.enabled and not info.is_main
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert utils.dist_env().enabled  # torchrun --nproc_per_node=1 still runs DDP
 
 
 @pytest.mark.parametrize("env, fragment", [
