@@ -69,6 +69,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from dataset import covariate_names
 from utils import UserError, load_checkpoint
 
 # "none": a covariates-only model (no encoder), the signal-free reference
@@ -616,34 +617,81 @@ def _check_encoder(path: str, name: str, match: dict, sources: Dict[str, dict]) 
                         f"unexpected tensor(s), e.g. {example} (another --arch?)")
 
 
+def _encoding_mismatch(old: Sequence[Mapping], new: Sequence[Mapping]) -> Optional[str]:
+    """Why a head fitted on the covariate encoding ``old`` cannot read ``new`` (None if
+    it can: the same columns, kinds, levels and missing indicators; numeric means and
+    SDs may differ, ``_refit_head`` absorbs them)."""
+    names = ([s["name"] for s in old], [s["name"] for s in new])
+    if names[0] != names[1]:
+        return f"covariates differ (file {names[0]}, now {names[1]})"
+    for a, b in zip(old, new):
+        for key in ("kind", "levels", "missing_indicator"):
+            if a.get(key) != b.get(key):
+                return (f"covariate {a['name']} is encoded otherwise ({key} {a.get(key)} in "
+                        f"the file, {b.get(key)} now)")
+    return None
+
+
+@torch.no_grad()
+def _refit_head(model: BPModel, old: Mapping, new: Mapping) -> None:
+    """Re-express a loaded head in this run's statistics, exactly: numeric covariate
+    inputs x_old = x_new * sd_new / sd_old + (mean_new - mean_old) / sd_old are folded
+    into the first linear layer, and normalised outputs y_new = (y_old * sd_old + mean_old
+    - mean_new) / sd_new into the last. (A value missing in this run's data is filled
+    with this run's train median, which the old head never saw as a fill.)"""
+    first, last = model.head.mlp[0], model.head.mlp[-1]
+    column = first.in_features - model.config.n_covariates
+    for a, b in zip(old["covariates"], new["covariates"]):
+        if a["kind"] == "numeric":
+            scale, shift = b["std"] / a["std"], (b["mean"] - a["mean"]) / a["std"]
+            first.bias += first.weight[:, column] * shift
+            first.weight[:, column] *= scale
+        column += len(covariate_names([a]))
+    sd_old, mean_old, sd_new, mean_new = (torch.as_tensor(v, dtype=last.weight.dtype) for v in (
+        old["target_std"], old["target_mean"], new["target_std"], new["target_mean"]))
+    last.weight *= (sd_old / sd_new)[:, None]
+    last.bias.copy_((last.bias * sd_old + mean_old - mean_new) / sd_new)
+
+
 def _load_head(model: BPModel, ckpt, rest: dict, target_cols: Optional[Sequence[str]],
-               covariates: Sequence[str]) -> dict:
-    """Load the non-encoder tensors of a project checkpoint when they fit; say why not."""
+               stats: Optional[Mapping]) -> dict:
+    """Load the non-encoder tensors of a project checkpoint when they fit, re-expressed
+    in this run's ``stats`` (``target_mean``, ``target_std``, ``covariates`` encoding);
+    otherwise say why not."""
     head = {k: v for k, v in rest.items() if k not in _BOUND_KEYS}
     own = {k: v for k, v in model.state_dict().items()
            if not k.startswith("encoders.") and k not in _BOUND_KEYS}
     file_cols = ckpt.get("target_cols") if isinstance(ckpt, Mapping) else None
-    file_covariates = [spec["name"] for spec in ckpt.get("covariates", [])] \
-        if isinstance(ckpt, Mapping) else []
     if not head:
         return {"loaded": 0, "reason": "the file has no head"}
     if target_cols is None or file_cols is None or list(file_cols) != list(target_cols):
         return {"loaded": 0, "reason": f"target_cols differ (file {file_cols}, "
                                        f"now {None if target_cols is None else list(target_cols)})"}
-    if file_covariates != list(covariates):
-        return {"loaded": 0, "reason": f"covariates differ (file {file_covariates}, "
-                                       f"now {list(covariates)})"}
+    mismatch = _encoding_mismatch(ckpt.get("covariates", []),
+                                  stats["covariates"] if stats else [])
+    if mismatch:
+        return {"loaded": 0, "reason": mismatch}
     if head.keys() != own.keys() or any(head[k].shape != own[k].shape for k in own):
         return {"loaded": 0, "reason": "head shapes differ (fusion, head or covariates changed)"}
+    if stats is not None and not {"target_mean", "target_std"} <= ckpt.keys():
+        return {"loaded": 0, "reason": "the file does not record the target statistics its "
+                                       "head was trained against"}
     model.load_state_dict(head, strict=False)
-    return {"loaded": len(head), "reason": "target_cols and shapes match"}
+    if stats is None:
+        return {"loaded": len(head), "reason": "target_cols and shapes match"}
+    _refit_head(model, ckpt, stats)
+    return {"loaded": len(head), "reason": "target_cols and shapes match; re-expressed in "
+                                           "this run's target statistics and covariate "
+                                           "encoding"}
 
 
 def load_pretrained(model: BPModel, path: str, trust: bool = False,
                     target_cols: Optional[Sequence[str]] = None, verbose: bool = True,
-                    covariates: Sequence[str] = ()) -> dict:
+                    stats: Optional[Mapping] = None) -> dict:
     """Load a pre-trained file into every encoder of ``model`` (and a matching head: same
-    ``target_cols``, same ``covariates`` column names, same shapes).
+    ``target_cols``, covariates encoded alike, same shapes; with ``stats``, this run's
+    ``target_mean``, ``target_std`` and ``covariates`` encoding, the head is re-expressed
+    in them, so it predicts the same mmHg as in the run that trained it).
 
     Returns (and prints when ``verbose``) the report: layout, per encoder the counts of
     tensors loaded, missing, unexpected and shape-mismatched, and the head's outcome.
@@ -665,7 +713,7 @@ def load_pretrained(model: BPModel, path: str, trust: bool = False,
             k: v for k, v in match.items() if k != "to_load"}}
     for name, match in matches.items():
         model.encoders[name].load_state_dict(match["to_load"], strict=False)
-    report["head"] = (_load_head(model, ckpt, rest, target_cols, covariates)
+    report["head"] = (_load_head(model, ckpt, rest, target_cols, stats)
                       if layout == "project"
                       else {"loaded": 0, "reason": "the file has no head"})
     if verbose:

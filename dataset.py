@@ -42,12 +42,15 @@ SKIPPED_COLUMNS = ["ssoid", "path", "reason"]
 
 
 # ----------------------------------------------------------------------------- labels
-def read_labels(path: str, required: Sequence[str]) -> pd.DataFrame:
-    """The labels CSV with ``ssoid`` as text; ``UserError`` if unreadable or a column is missing."""
+def read_labels(path: str, required: Sequence[str], text: Sequence[str] = ()) -> pd.DataFrame:
+    """The labels CSV with ``ssoid``, ``subject_id`` and the ``text`` columns as text (an id
+    such as ``007`` or a float-looking hash stays as written); ``UserError`` if unreadable or a
+    ``required`` column is missing."""
     if not os.path.isfile(path):
         raise UserError(f"labels CSV {path}: no such file")
     try:
-        frame = pd.read_csv(path, dtype={"ssoid": str, "subject_id": str})
+        frame = pd.read_csv(path, dtype={"ssoid": str, "subject_id": str,
+                                         **dict.fromkeys(text, str)})
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, OSError) as exc:
         raise UserError(f"labels CSV {path} is not a readable CSV "
                         f"({type(exc).__name__}: {exc})") from None

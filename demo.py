@@ -3,10 +3,12 @@ make a Kailuan-layout HDF5 -> prepare_kailuan_npz.py -> train_bp.py -> metrics.
 
     python demo.py --out demo_out          # or: make demo
 
-Each step is printed as the shell command it runs. A small Net1D (--arch small) reads
-ECG+PPG and the covariates age, sex and BMI, and trains for a minute or two on a 2-core
-CPU; the real ECGFounder size needs a GPU. The final table sets the model beside the
-train-mean predictor and a ridge regression on the covariates alone.
+Each step is printed as the shell command it runs. Prep also computes each record's
+physiology (--features: pulse arrival time, heart rate, ...). A small Net1D (--arch small)
+reads ECG+PPG and the covariates age, sex, BMI, pulse arrival time and heart rate, and
+trains for a minute or two on a 2-core CPU; the real ECGFounder size needs a GPU. The final
+table sets the model beside the train-mean predictor and a ridge regression on the same
+covariates: the classic physiological baseline (PAT + HR + demographics).
 """
 from __future__ import annotations
 
@@ -21,7 +23,9 @@ from typing import List, Optional, Sequence
 from utils import ArgumentParser, UserError, run_cli
 
 TARGETS = ["right_arm_dbp", "left_arm_mbp", "right_arm_pp", "right_arm_sbp", "left_arm_sbp"]
-COVARIATES = ["age", "sex", "bmi"]
+DEMOGRAPHICS = ["age", "sex", "bmi"]
+COVARIATES = DEMOGRAPHICS + ["pat_foot_ms", "hr_bpm"]  # metadata, then physio.py's features
+RECORD_SECONDS = 15  # the synthetic cohort's rows span 15 s
 MARKER = ".bp_demo"  # marks a folder this script made, so a re-run may clear it
 
 
@@ -71,9 +75,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     step("2/3 prepare: HDF5 -> one npz per record + labels CSV",
          ["prepare_kailuan_npz.py", "--h5_path", h5, "--id_key", "new_id",
           "--target_cols", *TARGETS, "--output_npz", npz, "--output_csv", labels,
-          "--target_seq_len", str(args.seq_len), "--extra_cols", *COVARIATES,
-          "--workers", "2"])
-    step("3/3 train a small Net1D on ECG+PPG and the covariates",
+          "--target_seq_len", str(args.seq_len), "--extra_cols", *DEMOGRAPHICS,
+          "--record_seconds", str(RECORD_SECONDS), "--features", "--workers", "2"])
+    step("3/3 train a small Net1D on ECG+PPG, demographics, PAT and HR",
          ["train_bp.py", "--npz_dir", npz, "--labels_csv", labels, "--out_dir", run,
           "--target_cols", *TARGETS, "--modality", "both", "--covariates", *COVARIATES,
           "--arch", args.arch,

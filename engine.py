@@ -99,13 +99,16 @@ def train_one_epoch(model: torch.nn.Module, loader, loss_fn, optimizer, device: 
     and counted (with ``accum_steps`` > 1, a step sums that many batches' gradients).
 
     ``scheduler`` (optional) advances once per optimiser step taken. Losses and counts
-    are summed over the ranks of a distributed run.
+    are summed over the ranks of a distributed run. ``lr_first``/``lr_last`` map each
+    parameter group's name to the learning rate its first and last step of the epoch used.
 
     Raises ``UserError`` when every step of the epoch was skipped.
     """
     model.train()
     optimizer.zero_grad(set_to_none=True)
     total, n_seen, n_steps, n_bad = 0.0, 0, 0, 0
+    lr_first: Optional[Dict[str, float]] = None
+    lr_last: Optional[Dict[str, float]] = None
     group_loss, group_n = 0.0, 0
     n_batches = len(loader)
     start = time.perf_counter()
@@ -132,6 +135,8 @@ def train_one_epoch(model: torch.nn.Module, loader, loss_fn, optimizer, device: 
         if not last:
             continue
         n_steps += 1
+        lr_last = {g.get("name", "head"): g["lr"] for g in optimizer.param_groups}
+        lr_first = lr_first or lr_last
         if _optimizer_step(model, optimizer, scaler, grad_clip):
             if scheduler is not None:
                 scheduler.step()
@@ -149,7 +154,8 @@ def train_one_epoch(model: torch.nn.Module, loader, loss_fn, optimizer, device: 
                         f"check the inputs")
     return {"loss": total / n_seen if n_seen else math.nan, "n_records": n_seen,
             "skipped_steps": n_bad, "seconds": seconds,
-            "records_per_s": n_seen / seconds if seconds > 0 else 0.0}
+            "records_per_s": n_seen / seconds if seconds > 0 else 0.0,
+            "lr_first": lr_first or {}, "lr_last": lr_last or {}}
 
 
 @contextlib.contextmanager

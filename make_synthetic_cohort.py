@@ -21,7 +21,8 @@ starts at a random cardiac phase. ECG: P, Q, R, S, T Gaussians per beat (QT ~ sq
 noise, baseline wander and a little 50 Hz. PPG: each pulse starts at its foot = R peak + PAT
 (+-1 % per beat): a gamma-shaped systolic wave, a reflected wave that arrives earlier and larger in
 stiffer arteries (dicrotic notch between them), a diastolic run-off, respiratory baseline and
-amplitude modulation, and noise.
+amplitude modulation, and noise. ``--noise_scale`` multiplies every record's noise, wander and
+mains amplitudes (default 1: the cohort described here; 2 or 4 for harder signals).
 
 Ground truth (right arm; L = ln(PAT / 250 ms), HR in bpm, age in years, s = arterial stiffness
 in [0.05, 0.95], sex 1/0, BMI in kg/m2, u = per-subject offset, e = per-record noise):
@@ -327,12 +328,14 @@ def _create_datasets(f: h5py.File, n: int, vlen: bool, dtype: str) -> None:
 
 
 def _write_chunk(f: h5py.File, a: int, b: int, subj, plan, seed: int, duration_s: float,
-                 vlen: bool, records_per_subject: int) -> None:
+                 vlen: bool, records_per_subject: int, noise_scale: float = 1.0) -> None:
     """Generate records a..b-1 and write their signals, labels and truth."""
     rng = np.random.default_rng(np.random.SeedSequence([seed, 2, a // CHUNK]))
     rows = np.arange(a, b)
     s_idx = rows // records_per_subject
     rec = draw_records(rng, subj, s_idx)
+    for name in ("ecg_noise", "ecg_wander", "mains", "ppg_noise", "ppg_wander"):
+        rec[name] = rec[name] * noise_scale  # x * 1.0 == x: the default file is unchanged
     t_ecg = np.arange(ECG_LEN) * (duration_s / ECG_LEN)
     t_ppg = np.arange(PPG_LEN) * (duration_s / PPG_LEN)
     r_times = beat_times(rng, rec, duration_s)
@@ -371,13 +374,16 @@ def _ragged(rows: List[np.ndarray], ds) -> np.ndarray:
 def make_cohort(path: str, n_subjects: int = 40, records_per_subject: int = 3, seed: int = 0,
                 id_type: str = "bytes", vlen: bool = False, dtype: str = "float32",
                 duration_s: float = 15.0, n_nan: int = 0, n_inf: int = 0, n_flat: int = 0,
-                n_duplicate: int = 0, n_missing_labels: int = 0, n_unsafe_ids: int = 0) -> dict:
+                n_duplicate: int = 0, n_missing_labels: int = 0, n_unsafe_ids: int = 0,
+                noise_scale: float = 1.0) -> dict:
     """Write the cohort to ``path`` (atomically) and return what a test needs to know.
 
     Returns ``{"n_records", "faults": {row: fault}, "duplicate_of": {row: source row}}``, where a
     fault is the reason ``prepare_kailuan_npz.py`` should give (or ``missing_label``).
     """
     _check(n_subjects, records_per_subject, id_type, dtype, duration_s, n_unsafe_ids)
+    if not noise_scale >= 0:
+        raise UserError(f"--noise_scale must be >= 0, got {noise_scale}")
     n = n_subjects * records_per_subject
     subj = draw_subjects(np.random.default_rng(np.random.SeedSequence([seed, 0])), n_subjects)
     plan = fault_plan(np.random.default_rng(np.random.SeedSequence([seed, 1])), n, n_nan, n_inf,
@@ -398,7 +404,7 @@ def make_cohort(path: str, n_subjects: int = 40, records_per_subject: int = 3, s
         _create_datasets(f, n, vlen, dtype)
         for a in range(0, n, CHUNK):
             _write_chunk(f, a, min(a + CHUNK, n), subj, plan, seed, duration_s, vlen,
-                         records_per_subject)
+                         records_per_subject, noise_scale)
         _text_dataset(f, "truth/fault", [plan.get(r, ("", None))[0] for r in range(n)],
                       as_str=False)
         f.attrs.update({"generator": "make_synthetic_cohort.py", "seed": seed,
@@ -424,6 +430,9 @@ def get_args_parser() -> ArgumentParser:
                    help="storage type of the signal rows")
     p.add_argument("--duration_s", type=float, default=15.0,
                    help="record duration; sets the rates (3630 and 4230 samples per record)")
+    p.add_argument("--noise_scale", type=float, default=1.0,
+                   help="multiplies the noise, baseline wander and mains amplitudes of every "
+                        "record (2 or 4: harder signals for the feature extraction)")
     faults = p.add_argument_group("fault injection (for tests)")
     for name, what in (("n_nan", "rows with NaN in ECG or PPG"), ("n_inf", "rows with +-Inf"),
                        ("n_flat", "constant rows"),
@@ -444,7 +453,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     info = make_cohort(args.out, args.n_subjects, args.records_per_subject, args.seed,
                        args.id_type, args.vlen, args.dtype, args.duration_s, args.n_nan,
                        args.n_inf, args.n_flat, args.n_duplicate, args.n_missing_labels,
-                       args.n_unsafe_ids)
+                       args.n_unsafe_ids, noise_scale=args.noise_scale)
     print(f"wrote {args.out}: {info['n_records']} records of {args.n_subjects} subjects, "
           f"{len(info['faults'])} with injected faults")
 

@@ -12,6 +12,12 @@ Errors are e = pred - true in mmHg. Per target:
 - per split (``split_metrics``): ``mae_ci95``, a 95 % bootstrap interval of the MAE that
   resamples subjects, and ``mase``, the MAE relative to the constant train-mean predictor,
   whose own metrics form the ``baseline`` block;
+- ``calibrated`` (``calibrated_block``): one-point calibration, as for cuffless devices used
+  with one cuff reading per person (ISO 81060-3): for each subject with two or more
+  records, the first record (in a given order) gives an offset true - predicted per target
+  that is added to the predictions of that subject's other records; the usual metrics are
+  computed over those other records alone, beside the train-mean baseline calibrated the
+  same way (which then predicts the calibration record's own value);
 - with covariates, the ``covariate_baseline`` block: the same metrics for a ridge
   regression of each target on the encoded covariates, fitted on the train split alone
   (``fit_ridge``), and ``model_mae_diff`` = model MAE - ridge MAE with its paired
@@ -209,7 +215,7 @@ def split_metrics(y_true: np.ndarray, y_pred: np.ndarray, subjects: Sequence,
 
     ``y_true``/``y_pred``: (N, T) in mmHg; ``subjects``: (N,) subject of each record;
     ``train_mean``: (T,) train-split mean of each target, the baseline's constant
-    prediction; ``covariate_pred`` (N, T), the ridge-on-covariates predictions, adds the
+    prediction (or (N, T) per-record baseline predictions, as ``calibrated_block`` uses); ``covariate_pred`` (N, T), the ridge-on-covariates predictions, adds the
     ``covariate_baseline`` block. All intervals come from one subject bootstrap. Raises
     ``ValueError`` for mismatched shapes, no records or non-finite values.
     """
@@ -244,3 +250,34 @@ def split_metrics(y_true: np.ndarray, y_pred: np.ndarray, subjects: Sequence,
     return {"n_records": int(len(t)), "n_subjects": int(len(np.unique(subjects))),
             **model, **blocks, "bootstrap": {"resamples": int(n_boot), "seed": int(seed),
                                              "unit": "subject"}}
+
+
+# ----------------------------------------------------------------------------- calibration
+def calibrated_block(y_true: np.ndarray, y_pred: np.ndarray, subjects: Sequence,
+                     order: Sequence, target_cols: Sequence[str], n_boot: int = N_BOOT,
+                     seed: int = BOOT_SEED) -> Optional[Dict[str, object]]:
+    """One-point calibration metrics (see the module docstring), or None when no subject
+    has two records.
+
+    ``order`` (N,) sorts each subject's records (the first is the calibration record; ties
+    keep the row order). The block has ``split_metrics``' fields over the calibrated
+    records, its ``baseline`` being the train mean calibrated alike (that is, each
+    subject's calibration-record truth), plus
+    ``n_calibration_records`` (one per calibrated subject) and ``n_subjects_left_out``
+    (subjects with a single record, which cannot be calibrated).
+    """
+    n_t = len(target_cols)
+    t, p = _checked(np.reshape(y_true, (-1, n_t)), np.reshape(y_pred, (-1, n_t)))
+    subjects = np.asarray(subjects).astype(str)
+    rows = np.lexsort((np.arange(len(t)), np.asarray(order), subjects))  # subject, then order
+    first = np.r_[True, subjects[rows][1:] != subjects[rows][:-1]]
+    if first.all():
+        return None
+    # for each later record, the position of its subject's first record in sorted order
+    start = np.maximum.accumulate(np.where(first, np.arange(len(rows)), 0))
+    kept, owner = rows[~first], rows[start][~first]
+    block = split_metrics(t[kept], p[kept] + (t[owner] - p[owner]), subjects[kept],
+                          target_cols, t[owner], n_boot, seed)
+    block["n_calibration_records"] = int(len(np.unique(subjects[kept])))
+    block["n_subjects_left_out"] = int(len(np.unique(subjects)) - block["n_calibration_records"])
+    return block

@@ -237,13 +237,23 @@ def learning_curves_figure(history: pd.DataFrame, targets: Sequence[str],
 
 
 def plot_learning_rates(ax, history: pd.DataFrame, style: dict) -> None:
-    """Learning rates at the end of each epoch; log scale when every plotted one is > 0."""
+    """The learning rates each epoch trained at: from its first step (at epoch - 1) to its
+    last step (at epoch); runs from before ``*_last`` columns show one point per epoch.
+    Log scale when every plotted rate is > 0."""
     plotted = []
+    epochs = history["epoch"].to_numpy(np.float64)
     for col, label in (("lr_backbone", "encoders"), ("lr_head", "head")):
-        if col in history:
-            values = pd.to_numeric(history[col], errors="coerce").to_numpy(np.float64)
-            ax.plot(history["epoch"], values, label=label, **style)
-            plotted.append(values)
+        if col not in history:
+            continue
+        first = pd.to_numeric(history[col], errors="coerce").to_numpy(np.float64)
+        if f"{col}_last" in history:
+            last = pd.to_numeric(history[f"{col}_last"], errors="coerce").to_numpy(np.float64)
+            x = np.column_stack([epochs - 1, epochs]).ravel()
+            values = np.column_stack([first, last]).ravel()
+        else:
+            x, values = epochs, first
+        ax.plot(x, values, label=label, **style)
+        plotted.append(values)
     if plotted and all((v > 0).all() for v in plotted):
         ax.set_yscale("log")
     ax.set(ylabel="learning rate", title="learning rates")
@@ -286,15 +296,22 @@ def plot_run(out_dir: str, formats: Sequence[str] = ("png",)) -> List[str]:
                                         run_title(out_dir, report, len(history))),
                  plot_dir, "learning_curves", formats)
     for split, (y_true, y_pred) in splits.items():
-        block = report.get(split, {})
-        summaries = {t: target_summary(block, t, y_true[:, k], y_pred[:, k])
-                     for k, t in enumerate(targets)}
-        title = split_title(split, block, len(y_true))
-        paths += save(scatter_figure(targets, y_true, y_pred, summaries, title), plot_dir,
-                      f"{split}_scatter", formats)
-        paths += save(bland_altman_figure(targets, y_true, y_pred, summaries, title), plot_dir,
-                      f"{split}_bland_altman", formats)
+        paths += plot_split(plot_dir, split, targets, y_true, y_pred, report.get(split, {}),
+                            formats)
     return paths
+
+
+def plot_split(plot_dir: str, split: str, targets: Sequence[str], y_true: np.ndarray,
+               y_pred: np.ndarray, block: dict, formats: Sequence[str]) -> List[str]:
+    """``<split>_scatter`` and ``<split>_bland_altman`` of one split's predictions, titled
+    with its reported ``block`` of metrics; returns the paths."""
+    summaries = {t: target_summary(block, t, y_true[:, k], y_pred[:, k])
+                 for k, t in enumerate(targets)}
+    title = split_title(split, block, len(y_true))
+    return (save(scatter_figure(targets, y_true, y_pred, summaries, title), plot_dir,
+                 f"{split}_scatter", formats)
+            + save(bland_altman_figure(targets, y_true, y_pred, summaries, title), plot_dir,
+                   f"{split}_bland_altman", formats))
 
 
 # ============================================================================= CLI

@@ -7,11 +7,14 @@
 The checkpoint alone decides the model: its arch, modality, fusion, z-scoring, record length,
 target normalisation and output constraint. ``--npz_dir`` reads ``<ssoid>.npz`` files as
 written by ``prepare_kailuan_npz.py``; ``--h5_path`` reads a Kailuan-layout HDF5 through the
-same reader and resampler, without writing npz files. The output CSV has ``ssoid`` and
-``<target>_pred`` per target; with ``--labels_csv`` it has ``<target>_true`` beside each
-(empty where the label is missing) and ``<output stem>_metrics.json`` holds the metrics of
-``metrics.split_metrics`` over the records with every label. Records that can't be used are
-listed in ``<output stem>_skipped.csv``.
+same reader and resampler, without writing npz files (a model trained on records at a known
+sampling rate needs the rows' time base: ``--record_seconds`` or ``--fs_ecg``/``--fs_ppg``, as
+at prep; npz files at another rate are refused). The output CSV has ``ssoid``,
+``<target>_pred`` per target and ``split`` (the record's split in the checkpoint's run, or
+``new``); with ``--labels_csv`` it has ``<target>_true`` beside each prediction (empty where
+the label is missing) and ``<output stem>_metrics.json`` holds one block of
+``metrics.split_metrics`` per split, over the records with every label. Records that can't be
+used are listed in ``<output stem>_skipped.csv``.
 
 A model trained with ``--covariates`` reads them, encoded as in training (the checkpoint
 holds the encoding), from ``--labels_csv`` with ``--npz_dir`` and from the HDF5 metadata
@@ -21,6 +24,7 @@ skipped; a missing value or a category unseen in training is filled as in traini
 from __future__ import annotations
 
 import itertools
+import math
 import os
 from collections import Counter
 from typing import Iterator, List, Optional, Sequence, Tuple
@@ -33,6 +37,7 @@ import backbones
 import dataset
 import engine
 import metrics
+import physio
 import prepare_kailuan_npz as prep
 import utils
 from utils import UserError
@@ -54,6 +59,10 @@ def get_args_parser() -> utils.ArgumentParser:
                    help="with --h5_path: HDF5 dataset of the ECG rows")
     p.add_argument("--ppg_key", default=prep.PPG_KEY,
                    help="with --h5_path: HDF5 dataset of the PPG rows")
+    prep.add_time_base_flags(p)
+    p.add_argument("--mains_hz", type=float, default=50.0,
+                   help="with --h5_path and a model that takes physiological features: the "
+                        "mains frequency, as given to prepare_kailuan_npz.py --features")
     p.add_argument("--batch_size", type=int, default=64,
                    help="records per forward pass (memory grows with it)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
@@ -87,6 +96,38 @@ def load_model(args) -> Tuple[backbones.BPModel, dict]:
     return model.eval(), ckpt
 
 
+def check_time_base(args, ckpt: dict) -> prep.TimeBase:
+    """Records must be at the rate the model was trained at (``sample_rate_hz`` of the
+    checkpoint, None when unknown): the rate of --npz_dir's manifest, or the HDF5 rows
+    prepared with the time-base flags (then at the checkpoint's rate)."""
+    rate, length = ckpt.get("sample_rate_hz"), ckpt["seq_len"]
+    trained = f"the model in {args.checkpoint} was trained on records at {rate:g} Hz" \
+        if rate else ""
+    if args.npz_dir:
+        given = utils.npz_sample_rate(args.npz_dir)
+        if rate and given and not math.isclose(rate, given, rel_tol=1e-9):
+            raise UserError(f"--npz_dir {args.npz_dir} holds records at {given:g} Hz, but "
+                            f"{trained}; prepare them with that rate")
+        return prep.TimeBase()
+    base = prep.time_base_of(args)
+    own = base.sample_rate(length)
+    if rate is None:
+        if own is not None:
+            raise UserError(f"the model in {args.checkpoint} records no sampling rate (its "
+                            f"records were prepared without --record_seconds or "
+                            f"--fs_ecg/--fs_ppg): leave those flags out")
+        return base
+    if own is None:
+        raise UserError(f"{trained}: with --h5_path give --record_seconds or "
+                        f"--fs_ecg/--fs_ppg so the rows are prepared alike")
+    if base.fs:
+        return prep.TimeBase(fs=base.fs, target_fs=rate)
+    if not math.isclose(own, rate, rel_tol=1e-9):
+        raise UserError(f"--record_seconds {args.record_seconds:g} makes {length} samples "
+                        f"{own:g} Hz, but {trained}")
+    return base
+
+
 def check_covariates(args, ckpt: dict, labels: Optional[pd.DataFrame]) -> None:
     """A model trained with covariates needs them: ``UserError`` naming what is missing."""
     names = [spec["name"] for spec in ckpt["covariates"]]
@@ -95,7 +136,8 @@ def check_covariates(args, ckpt: dict, labels: Optional[pd.DataFrame]) -> None:
     needs = f"the model in {args.checkpoint} takes the covariates {', '.join(names)}"
     if args.h5_path:
         with prep.open_h5(args.h5_path) as f:
-            absent = [n for n in names if f"{args.meta_group}/{n}" not in f]
+            absent = [n for n in metadata_covariates(ckpt)
+                      if f"{args.meta_group}/{n}" not in f]
         if absent:
             raise UserError(f"--h5_path {args.h5_path} has no {args.meta_group}/"
                             f"{', '.join(absent)}: {needs}")
@@ -139,12 +181,24 @@ def npz_batches(args, ckpt: dict, skipped: list, filled: Counter,
     return len(good), ((list(ids_), x, c) for x, c, _, ids_ in loader)
 
 
-def h5_batches(args, ckpt: dict, skipped: list,
-               filled: Counter) -> Tuple[Optional[int], Iterator[Batch]]:
-    """Records of a cohort HDF5, prepared exactly as prepare_kailuan_npz.py does."""
+def metadata_covariates(ckpt: dict) -> List[str]:
+    """The model's covariates read from the HDF5 metadata: all but the physiological
+    features, which are computed from the signals."""
+    return [s["name"] for s in ckpt["covariates"] if s["name"] not in physio.FEATURE_COLUMNS]
+
+
+def h5_batches(args, ckpt: dict, skipped: list, filled: Counter,
+               time_base: prep.TimeBase) -> Tuple[Optional[int], Iterator[Batch]]:
+    """Records of a cohort HDF5, prepared exactly as prepare_kailuan_npz.py does (with
+    ``time_base``, and the physiological features that the model's covariates name computed
+    by the same code from the same resampled rows)."""
     channels = backbones.MODALITY_CHANNELS[ckpt["modality"]]
+    features = len(metadata_covariates(ckpt)) < len(ckpt["covariates"])
+    if features and not ckpt.get("sample_rate_hz"):
+        raise UserError(f"the model in {args.checkpoint} takes physiological features but "
+                        f"records no sampling rate to compute them at")
     records = prep.iter_records(args.h5_path, args.id_key,
-                                meta_fields=[spec["name"] for spec in ckpt["covariates"]],
+                                meta_fields=metadata_covariates(ckpt),
                                 meta_group=args.meta_group, ecg_key=args.ecg_key,
                                 ppg_key=args.ppg_key)
     first = next(records, None)  # opens and checks the file before anything is written
@@ -165,10 +219,14 @@ def h5_batches(args, ckpt: dict, skipped: list,
                 skipped.append((rec.id, "duplicate_id"))
                 continue
             seen.add(rec.id)
-            x, reason = prep.record_to_x(rec.ecg, rec.ppg, ckpt["seq_len"])
+            x, reason = prep.record_to_x(rec.ecg, rec.ppg, ckpt["seq_len"], time_base)
             if reason:
                 skipped.append((rec.id, reason))
                 continue
+            if features:
+                rate = ckpt["sample_rate_hz"]
+                rec.meta.update(physio.record_features(x[:, 0], x[:, 1], rate, rate,
+                                                       args.mains_hz))
             recs.append(rec)
             xs.append(dataset.model_input(x, channels, ckpt["zscore"]))
             if len(recs) == args.batch_size:
@@ -286,13 +344,14 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     labels = (dataset.read_labels(args.labels_csv, ckpt["target_cols"])  # fail before predicting
               if args.labels_csv else None)
     check_covariates(args, ckpt, labels)
+    time_base = check_time_base(args, ckpt)
     device = engine.resolve_device(args.device)
     skipped: list = []
     filled: Counter = Counter()
     if args.npz_dir:
         total, batches = npz_batches(args, ckpt, skipped, filled, labels)
     else:
-        total, batches = h5_batches(args, ckpt, skipped, filled)
+        total, batches = h5_batches(args, ckpt, skipped, filled, time_base)
     ids, y_pred = predict(model, batches, total, ckpt, device)
     report = write_outputs(args, ckpt, ids, y_pred, skipped, labels)
     print(summary(args, ids, skipped, report, filled))

@@ -17,6 +17,16 @@ not wrap around onto its start, which would ring at both edges; unlike ``resampl
 cost is O(n log n) for any pair of lengths, also for variable-length rows whose lengths share no
 factor (where a polyphase filter would need tens of thousands of taps).
 
+Time base: by default each row is resampled over its whole length, so when rows differ in
+duration one sample means a different time in each record (and pulse arrival time, the delay
+that carries BP, is rescaled with it). ``--fs_ecg``/``--fs_ppg`` (the native rates) resample
+each channel to ``--target_fs`` instead and keep its first ``--target_seq_len`` samples (the
+record's start: both channels stay aligned at t = 0), padding a shorter record after its end
+with the channel's mean (z-scoring maps it to about 0). ``--record_seconds`` says that every
+row spans that many seconds, which changes no sample but records the output rate
+(``target_seq_len / record_seconds``). The manifest holds the rate as ``sample_rate_hz``;
+training copies it into the checkpoint and predict_bp.py refuses records at another rate.
+
 Rejected records (not written; listed in ``<output_csv stem>_rejected.csv`` as
 ``row,id,reason,duplicate_of``):
 ``empty_ecg``/``empty_ppg`` (no samples), ``nan_or_inf_ecg``/``_ppg`` (a NaN or Inf sample, or a
@@ -35,17 +45,18 @@ both as little-endian float32 (so a float64 copy of float32 samples matches); th
 ends with it, as ``signal_digest`` (hex), so that ``train_bp.py`` can check that no recording
 sits in two splits. Only the digests (O(N) small values) are kept in memory.
 
-Subjects (``--subject_key``): with one field, ``subject_id`` is that field's value (text as it
-is, integers in decimal); with several (e.g. ``name age sex``), ``subject_id`` is
-``subject_hash`` of their values: 12 hex digits of blake2b (6 bytes) of the normalised values
-(text stripped and lower-cased, numbers in decimal without a trailing ``.0``) joined with
-``SUBJECT_SEP``, so the same person gets the same id in every run and no name is written. A
-record with a missing value (NaN, empty text) in any key field is kept with the subject
-``unknown_<record id>``: its own subject, never paired with another record; the summary counts
-and lists them.
+Subjects (``--subject_key``): with one field, ``subject_id`` is that field's value (text as
+it is, numbers in decimal without a trailing ``.0``); with several (e.g. ``name age sex``),
+``subject_id`` is ``subject_hash`` of their values: 12 hex digits of blake2b (6 bytes) of the
+normalised values (text stripped and lower-cased, numbers in decimal without a trailing
+``.0``) joined with ``SUBJECT_SEP``, so the same person gets the same id in every run and no
+name is written. A record with a missing value (NaN, empty text) in any key field is kept
+with the subject ``unknown_<record id>``: its own subject, never paired with another record;
+the summary counts and lists them.
 
 Re-runs and interruptions: every file is written to a temporary name and renamed, so an existing
-``<id>.npz`` is complete; a re-run skips those, so running the same command again after an
+``<id>.npz`` is complete; a re-run does not rewrite those (it reads their rows only for the
+digest, so it finds the same duplicates), so running the same command again after an
 interruption (Ctrl-C, a killed job) finishes the job. Temporary files left by a killed run are
 removed at start. The labels and rejected CSVs are written whole at the end. ``--output_npz``
 keeps a small manifest (input file size and time, keys, ``--target_seq_len``): a re-run into a
@@ -71,6 +82,7 @@ import fcntl
 import hashlib
 import itertools
 import json
+import math
 import multiprocessing
 import os
 import re
@@ -85,8 +97,9 @@ import numpy as np
 import pandas as pd
 import scipy.fft
 
-from utils import ArgumentParser, UserError, progress, run_cli, save_npz_atomic, \
-    write_csv_atomic, write_json_atomic
+import physio
+from utils import NPZ_MANIFEST, ArgumentParser, UserError, progress, run_cli, save_npz_atomic, \
+    subject_of, write_csv_atomic, write_json_atomic
 
 META_GROUP, ECG_KEY, PPG_KEY = "metadata", "signals/ecg", "signals/ppg"
 MAX_SEQ_LEN = 1_000_000
@@ -98,7 +111,7 @@ REJECTED_COLUMNS = ["row", "id", "reason", "duplicate_of"]
 DIGEST_COLUMN = "signal_digest"
 SUBJECT_SEP = "\x1f"  # ASCII unit separator: never part of a name, age or sex
 UNKNOWN_SUBJECT = "unknown_"
-MANIFEST = ".prepare_kailuan_npz.json"
+MANIFEST = NPZ_MANIFEST
 LOCK = ".prepare_kailuan_npz.lock"
 
 
@@ -132,7 +145,38 @@ def signal_problem(row: np.ndarray, name: str) -> Optional[str]:
     return None
 
 
-def record_to_x(ecg, ppg, target_len: int) -> Tuple[Optional[np.ndarray], Optional[str]]:
+@dataclass(frozen=True)
+class TimeBase:
+    """How samples map to time (module docstring, "Time base"): without rates, each row is
+    resampled over its whole length; ``record_seconds`` states that span; ``fs`` (ECG and
+    PPG native rates in Hz) resamples each row to ``target_fs`` and crops or pads it."""
+    record_seconds: Optional[float] = None
+    fs: Optional[Tuple[float, float]] = None
+    target_fs: Optional[float] = None
+
+    def sample_rate(self, target_len: int) -> Optional[float]:
+        """The output rate in Hz (None when the records' duration is unknown)."""
+        if self.fs:
+            return self.target_fs
+        return target_len / self.record_seconds if self.record_seconds else None
+
+    def as_dict(self) -> dict:
+        return {"record_seconds": self.record_seconds,
+                "fs_ecg": self.fs[0] if self.fs else None,
+                "fs_ppg": self.fs[1] if self.fs else None,
+                "target_fs": self.target_fs if self.fs else None}
+
+
+def fit_length(x: np.ndarray, n: int) -> np.ndarray:
+    """``x`` cut to its first ``n`` samples, or padded after its end with its own mean
+    (which per-record z-scoring maps to about 0) up to ``n``."""
+    if len(x) >= n:
+        return x[:n]
+    return np.concatenate([x, np.full(n - len(x), x.mean())])
+
+
+def record_to_x(ecg, ppg, target_len: int,
+                time_base: TimeBase = TimeBase()) -> Tuple[Optional[np.ndarray], Optional[str]]:
     """One record's raw ECG and PPG rows as ``(x, None)``, x float32 (target_len, 2) with
     column 0 ECG and column 1 PPG, or ``(None, reason)`` when the record can't be used."""
     rows = {"ecg": np.asarray(ecg, dtype=np.float64).ravel(),
@@ -144,10 +188,24 @@ def record_to_x(ecg, ppg, target_len: int) -> Tuple[Optional[np.ndarray], Option
     x = np.empty((target_len, 2), dtype=np.float32)
     for col, (name, row) in enumerate(rows.items()):
         with np.errstate(over="ignore"):  # checked on the next line
-            x[:, col] = resample_signal(row, target_len)
+            if time_base.fs:
+                n_out = max(1, int(round(len(row) * time_base.target_fs / time_base.fs[col])))
+                x[:, col] = fit_length(resample_signal(row, n_out), target_len)
+            else:
+                x[:, col] = resample_signal(row, target_len)
         if not np.isfinite(x[:, col]).all():  # beyond float32
             return None, f"nan_or_inf_{name}"
     return x, None
+
+
+def signal_digest(ecg, ppg) -> str:
+    """Hex blake2b (16 bytes) of the raw ECG row then the raw PPG row as little-endian
+    float32: equal for the same recording stored twice, also in float64."""
+    h = hashlib.blake2b(digest_size=16)
+    with np.errstate(over="ignore", invalid="ignore"):  # values beyond float32 hash as inf
+        for row in (ecg, ppg):
+            h.update(np.ascontiguousarray(np.ravel(row), dtype="<f4").tobytes())
+    return h.hexdigest()
 
 
 # ----------------------------------------------------------------------------- ids and text
@@ -169,6 +227,52 @@ def is_safe_id(record_id: str) -> bool:
 
 def _is_text(dtype: np.dtype) -> bool:
     return dtype.kind in "SU" or h5py.check_string_dtype(dtype) is not None
+
+
+def key_text(value) -> Optional[str]:
+    """One subject-key value as text, or None when missing (NaN, empty text): text as it is,
+    numbers in decimal without a trailing ``.0`` (the shortest form of their own precision)."""
+    if isinstance(value, str):
+        return value if value.strip() else None
+    if isinstance(value, (float, np.floating)):
+        return None if np.isnan(value) else np.format_float_positional(value, trim="-")
+    return str(int(value))
+
+
+def subject_hash(texts: Sequence[str]) -> str:
+    """The subject id of several key values: 12 hex digits of blake2b (6 bytes) of the
+    stripped, lower-cased values joined with ``SUBJECT_SEP`` (UTF-8)."""
+    joined = SUBJECT_SEP.join(t.strip().lower() for t in texts)
+    return hashlib.blake2b(joined.encode("utf-8"), digest_size=6).hexdigest()
+
+
+def subject_ids(key_columns: Sequence[Sequence[object]],
+                ids: Sequence[str]) -> Tuple[List[str], List[bool]]:
+    """Each row's subject id and whether it is unknown, from the ``--subject_key`` columns
+    (see the module docstring): one column gives its value, several ``subject_hash``; a
+    missing value gives ``unknown_<record id>``."""
+    subjects, unknown = [], []
+    for row, rid in enumerate(ids):
+        texts = [key_text(col[row]) for col in key_columns]
+        missing = any(t is None for t in texts)
+        unknown.append(missing)
+        if missing:
+            subjects.append(UNKNOWN_SUBJECT + rid)
+        else:
+            subjects.append(texts[0] if len(texts) == 1 else subject_hash(texts))
+    return subjects, unknown
+
+
+def subject_rule(subject_key: Optional[Sequence[str]]) -> str:
+    """How ``subject_id`` is made, in words (printed and kept in ``_prepare.json``)."""
+    if not subject_key:
+        return ("no subject_id column: training takes the part of the id before the first "
+                "'_' (--subject_key sets it)")
+    unknown = f"; a missing value gives {UNKNOWN_SUBJECT}<id>"
+    if len(subject_key) == 1:
+        return f"subject_id = metadata field {subject_key[0]}{unknown}"
+    return (f"subject_id = blake2b-48 hash of the normalised values of "
+            f"{', '.join(subject_key)}{unknown}")
 
 
 # ----------------------------------------------------------------------------- reading
@@ -273,7 +377,8 @@ def column_values(ds: h5py.Dataset, a: int = 0, b: Optional[int] = None):
 # ----------------------------------------------------------------------------- planning
 @dataclass(frozen=True)
 class Task:
-    """A range of rows for one worker and which of them to write (row, id)."""
+    """A range of rows for one worker, the rows to digest and write (row, id), and those
+    of them whose npz is already there (digested only)."""
     h5_path: str
     id_key: str
     meta_group: str
@@ -284,6 +389,18 @@ class Task:
     start: int
     stop: int
     rows: Tuple[Tuple[int, str], ...]
+    present: Tuple[int, ...] = ()
+    time_base: TimeBase = TimeBase()
+    mains_hz: Optional[float] = None  # compute the physiological features (--features)
+
+
+class Result(NamedTuple):
+    """What a worker reports for each row it handled."""
+    row: int
+    id: str
+    reason: Optional[str]  # None when the record is usable
+    digest: str  # signal_digest
+    features: Optional[Dict[str, float]] = None  # physio.record_features, with --features
 
 
 def screen_ids(ids: Sequence[str]) -> Tuple[List[Tuple[int, str]], List[Tuple[int, str, str]]]:
@@ -300,30 +417,41 @@ def screen_ids(ids: Sequence[str]) -> Tuple[List[Tuple[int, str]], List[Tuple[in
     return usable, rejected
 
 
-def make_tasks(todo: List[Tuple[int, str]], chunk_rows: int, workers: int, **common) -> List[Task]:
-    """Group the rows to write by blocks of at most ``chunk_rows`` HDF5 rows; smaller blocks
-    when there are few rows, so that every worker gets several tasks."""
+def make_tasks(todo: List[Tuple[int, str]], chunk_rows: int, workers: int,
+               present: frozenset = frozenset(), **common) -> List[Task]:
+    """Group the rows by blocks of at most ``chunk_rows`` HDF5 rows; smaller blocks when
+    there are few rows, so that every worker gets several tasks. Rows in ``present`` (row
+    numbers) are only read and digested: a re-run finds the same duplicates."""
     size = max(1, min(chunk_rows, -(-len(todo) // (4 * workers))))
     tasks = []
     for _, group in itertools.groupby(todo, key=lambda item: item[0] // size):
         rows = tuple(group)
-        tasks.append(Task(start=rows[0][0], stop=rows[-1][0] + 1, rows=rows, **common))
+        tasks.append(Task(start=rows[0][0], stop=rows[-1][0] + 1, rows=rows,
+                          present=tuple(r for r, _ in rows if r in present), **common))
     return tasks
 
 
-def process_task(task: Task) -> List[Tuple[int, str, Optional[str]]]:
-    """Resample, compress and atomically write the npz of the task's rows (in a worker);
-    return (row, id, reason) with reason None for each file written."""
-    wanted = dict(task.rows)
+def process_task(task: Task) -> List[Result]:
+    """Digest each of the task's rows, and resample, compress and atomically write the npz
+    of those not already there (in a worker); with ``mains_hz`` (--features) compute the
+    features of every usable row from the resampled rows that the npz holds. Returns a
+    ``Result`` per row."""
+    wanted, present = dict(task.rows), set(task.present)
+    rate = task.time_base.sample_rate(task.target_len)
     done = []
     for rec in iter_records(task.h5_path, task.id_key, (), task.meta_group, task.ecg_key,
                             task.ppg_key, task.start, task.stop, task.stop - task.start):
         if rec.row not in wanted:
             continue
-        x, reason = record_to_x(rec.ecg, rec.ppg, task.target_len)
-        if x is not None:
+        x, reason, features = None, None, None
+        if rec.row not in present or task.mains_hz:
+            x, reason = record_to_x(rec.ecg, rec.ppg, task.target_len, task.time_base)
+        if x is not None and rec.row not in present:
             save_npz_atomic(os.path.join(task.out_dir, wanted[rec.row] + ".npz"), x=x)
-        done.append((rec.row, wanted[rec.row], reason))
+        if x is not None and task.mains_hz:
+            features = physio.record_features(x[:, 0], x[:, 1], rate, rate, task.mains_hz)
+        done.append(Result(rec.row, wanted[rec.row], reason, signal_digest(rec.ecg, rec.ppg),
+                           features))
     return done
 
 
@@ -332,7 +460,7 @@ def _ignore_sigint() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def run_tasks(tasks: List[Task], workers: int) -> Iterator[List[Tuple[int, str, Optional[str]]]]:
+def run_tasks(tasks: List[Task], workers: int) -> Iterator[List[Result]]:
     """Each task's results as it finishes: in-process for one worker, else in a pool."""
     if workers == 1:
         yield from map(process_task, tasks)
@@ -344,9 +472,9 @@ def run_tasks(tasks: List[Task], workers: int) -> Iterator[List[Tuple[int, str, 
 
 
 def run_with_progress(tasks: List[Task], workers: int,
-                      total: int) -> List[Tuple[int, str, Optional[str]]]:
-    """All tasks' (row, id, reason) behind a progress bar; a clean message on Ctrl-C."""
-    results: List[Tuple[int, str, Optional[str]]] = []
+                      total: int) -> List[Result]:
+    """All tasks' results behind a progress bar; a clean message on Ctrl-C."""
+    results: List[Result] = []
     with progress(total=total, unit="rec", desc="prepare") as bar:
         try:
             for done in run_tasks(tasks, workers):
@@ -393,7 +521,7 @@ def check_outputs(output_npz: str, output_csv: str) -> None:
             raise UserError(f"{flag} {path}: {blocker} is a file, not a folder")
     if os.path.exists(output_npz) and not os.path.isdir(output_npz):
         raise UserError(f"--output_npz {output_npz} exists and is not a folder")
-    headers = {output_csv: "ssoid", rejected_path(output_csv): ",".join(REJECTED_COLUMNS)}
+    headers = {output_csv: "ssoid", rejected_path(output_csv): ",".join(REJECTED_COLUMNS[:3])}
     for path, header in headers.items():
         if os.path.isdir(path):
             raise UserError(f"--output_csv: {path} is a folder")
@@ -423,18 +551,25 @@ def check_labels_settings(output_csv: str, settings: dict, overwrite: bool) -> N
 
 
 def labels_settings(manifest: dict, args) -> dict:
-    """What the labels CSV depends on: the npz manifest, the npz folder and the columns."""
+    """What the labels CSV depends on: the npz manifest, the npz folder, the columns and
+    the subject rule (``subject_key`` one field name as text, as before, or a list)."""
+    key = args.subject_key
     return {**manifest, "output_npz": os.path.abspath(args.output_npz),
-            "subject_key": args.subject_key, "target_cols": list(args.target_cols),
-            "extra_cols": list(args.extra_cols)}
+            "subject_key": key[0] if key and len(key) == 1 else key,
+            "subject_rule": subject_rule(key), "target_cols": list(args.target_cols),
+            "extra_cols": list(args.extra_cols), "features": args.features,
+            "mains_hz": args.mains_hz if args.features else None}
 
 
-def manifest_for(cohort: Cohort, id_key: str, target_len: int) -> dict:
-    """What the npz files in a folder depend on: the input file and the settings."""
+def manifest_for(cohort: Cohort, id_key: str, target_len: int, time_base: TimeBase) -> dict:
+    """What the npz files in a folder depend on: the input file and the settings, and the
+    records' output sampling rate (``sample_rate_hz``, None when unknown), which training
+    stores in its checkpoint and predict_bp.py checks."""
     stat = os.stat(cohort.h5_path)
     return {"h5_path": os.path.abspath(cohort.h5_path), "h5_size": stat.st_size,
             "h5_mtime_ns": stat.st_mtime_ns, "id_key": id_key, "meta_group": cohort.meta_group,
-            "ecg_key": cohort.ecg_key, "ppg_key": cohort.ppg_key, "target_seq_len": target_len}
+            "ecg_key": cohort.ecg_key, "ppg_key": cohort.ppg_key, "target_seq_len": target_len,
+            **time_base.as_dict(), "sample_rate_hz": time_base.sample_rate(target_len)}
 
 
 def existing_npz(output_npz: str, manifest: dict) -> set:
@@ -490,15 +625,23 @@ def folder_lock(output_npz: str) -> Iterator[None]:
 
 # ----------------------------------------------------------------------------- labels
 def labels_frame(rows: List[Tuple[int, str]], columns: Dict[str, object],
-                 subject_key: Optional[str], target_cols: Sequence[str],
-                 extra_cols: Sequence[str]) -> pd.DataFrame:
-    """The labels CSV: ssoid, [subject_id], targets, extras; one row per written record."""
+                 subjects: Optional[Sequence[str]], target_cols: Sequence[str],
+                 extra_cols: Sequence[str], results: Dict[int, Result]) -> pd.DataFrame:
+    """The labels CSV: ssoid, [subject_id], targets, extras, the physiological features
+    (with --features), signal_digest; one row per written record. ``subjects`` (from
+    ``subject_ids``) and ``columns`` hold every HDF5 row, ``results`` the workers' report of
+    each written row (its digest and features)."""
     idx = np.array([r for r, _ in rows], dtype=np.int64)
     data = {"ssoid": [rid for _, rid in rows]}
-    for name, col in ((("subject_id", subject_key),) if subject_key else ()) + tuple(
-            (c, c) for c in [*target_cols, *extra_cols]):
+    if subjects is not None:
+        data["subject_id"] = [subjects[i] for i in idx]
+    for col in [*target_cols, *extra_cols]:
         values = columns[col]
-        data[name] = values[idx] if isinstance(values, np.ndarray) else [values[i] for i in idx]
+        data[col] = values[idx] if isinstance(values, np.ndarray) else [values[i] for i in idx]
+    if len(idx) and results[idx[0]].features is not None:
+        for col in physio.FEATURE_COLUMNS:
+            data[col] = [results[i].features[col] for i in idx]
+    data[DIGEST_COLUMN] = [results[i].digest for i in idx]
     return pd.DataFrame(data)
 
 
@@ -509,11 +652,10 @@ def read_columns(meta: h5py.Group, names: Sequence[str], text: Sequence[str]) ->
 
 
 def check_columns(meta: h5py.Group, path: str, args) -> None:
-    """Targets must be numeric, ids and subjects text or integers, extras numbers or text."""
+    """Targets must be numeric, ids text or integers, subject keys and extras numbers or text."""
     for flag, names, ok, what in (
             ("--id_key", [args.id_key], "iuSO", "text or integers"),
-            ("--subject_key", [args.subject_key] if args.subject_key else [], "iuSO",
-             "text or integers"),
+            ("--subject_key", args.subject_key or [], "fiuSO", "numbers or text"),
             ("--target_cols", args.target_cols, "fiu", "numeric"),
             ("--extra_cols", args.extra_cols, "fiubSO", "numbers or text")):
         for name in names:
@@ -521,6 +663,41 @@ def check_columns(meta: h5py.Group, path: str, args) -> None:
             if dtype.kind not in ok or (dtype.kind == "O" and not _is_text(dtype)):
                 raise UserError(f"{flag}: {meta.name.lstrip('/')}/{name} in {path} must hold "
                                 f"{what} (found dtype {dtype})")
+
+
+def add_time_base_flags(p: ArgumentParser) -> None:
+    """--record_seconds, --fs_ecg, --fs_ppg, --target_fs (also predict_bp.py's)."""
+    p.add_argument("--record_seconds", type=float, default=None,
+                   help="time span of every HDF5 row in seconds (rows of one common "
+                        "duration): records the output rate target_seq_len / record_seconds "
+                        "in the manifest and the checkpoint; the npz files are unchanged")
+    p.add_argument("--fs_ecg", type=float, default=None,
+                   help="native sampling rate of the ECG rows in Hz (with --fs_ppg): each row "
+                        "is resampled to --target_fs and cut to its first --target_seq_len "
+                        "samples, or padded after its end with its mean, so one sample is "
+                        "the same time in every record, also for rows of different durations")
+    p.add_argument("--fs_ppg", type=float, default=None,
+                   help="native sampling rate of the PPG rows in Hz (with --fs_ecg)")
+    p.add_argument("--target_fs", type=float, default=500.0,
+                   help="output sampling rate in Hz with --fs_ecg/--fs_ppg (ECGFounder was "
+                        "pre-trained on ECG at 500 Hz)")
+
+
+def time_base_of(args) -> TimeBase:
+    """The ``TimeBase`` the time-base flags ask for; ``UserError`` for a bad combination."""
+    if (args.fs_ecg is None) != (args.fs_ppg is None):
+        raise UserError("--fs_ecg and --fs_ppg go together: give both native rates")
+    if args.fs_ecg is not None and args.record_seconds is not None:
+        raise UserError("give either --record_seconds (rows of one duration) or "
+                        "--fs_ecg/--fs_ppg (native rates), not both")
+    for flag, value in (("--record_seconds", args.record_seconds), ("--fs_ecg", args.fs_ecg),
+                        ("--fs_ppg", args.fs_ppg), ("--target_fs", args.target_fs)):
+        if value is not None and not (math.isfinite(value) and value > 0):
+            unit = "seconds" if flag == "--record_seconds" else "Hz"
+            raise UserError(f"{flag} must be a positive number of {unit}, got {value:g}")
+    if args.fs_ecg is not None:
+        return TimeBase(fs=(args.fs_ecg, args.fs_ppg), target_fs=args.target_fs)
+    return TimeBase(record_seconds=args.record_seconds)
 
 
 def check_args(args) -> None:
@@ -532,8 +709,17 @@ def check_args(args) -> None:
         raise UserError(f"--workers must be >= 1, got {args.workers}")
     if args.chunk_rows < 1:
         raise UserError(f"--chunk_rows must be >= 1, got {args.chunk_rows}")
+    if args.features and time_base_of(args).sample_rate(args.target_seq_len) is None:
+        raise UserError("--features needs the records' time span for times in ms and rates "
+                        "in bpm: give --record_seconds S (rows of one duration) or "
+                        "--fs_ecg/--fs_ppg (native rates)")
+    if args.mains_hz <= 0:
+        raise UserError(f"--mains_hz must be a positive frequency, got {args.mains_hz:g}")
+    if args.subject_key and len(set(args.subject_key)) < len(args.subject_key):
+        raise UserError(f"--subject_key names a field twice: {' '.join(args.subject_key)}")
     names = ["ssoid", *(["subject_id"] if args.subject_key else []), *args.target_cols,
-             *args.extra_cols]
+             *args.extra_cols, *(physio.FEATURE_COLUMNS if args.features else []),
+             DIGEST_COLUMN]
     repeated = sorted({n for n in names if names.count(n) > 1})
     if repeated:
         raise UserError(f"--target_cols/--extra_cols: column {', '.join(repeated)} would appear "
@@ -552,9 +738,23 @@ def get_args_parser() -> ArgumentParser:
                    help="labels CSV; <stem>_rejected.csv is written beside it")
     p.add_argument("--target_seq_len", type=int, default=7500,
                    help="samples per signal after resampling the whole record")
-    p.add_argument("--subject_key", default=None,
-                   help="metadata field written as subject_id (e.g. uid); without it training "
-                        "takes the subject from the id's part before the first '_'")
+    add_time_base_flags(p)
+    p.add_argument("--features", action="store_true",
+                   help="add the physiological features of each record to the labels CSV "
+                        "(heart rate and variability, pulse arrival time, PPG morphology, "
+                        "signal quality: physio.py), computed from the resampled rows the "
+                        "npz holds; needs --record_seconds or --fs_ecg/--fs_ppg")
+    p.add_argument("--mains_hz", type=float, default=50.0,
+                   help="mains frequency notched out of the ECG before beat detection "
+                        "(--features): 50 in Europe and Asia, 60 in the Americas")
+    p.add_argument("--subject_key", nargs="+", default=None, metavar="FIELD",
+                   help="metadata field(s) that identify the person, written as subject_id: "
+                        "one field (e.g. uid) as its value; several (e.g. name age sex) as a "
+                        "12-hex-digit hash of their stripped, lower-cased values, so no name "
+                        "reaches the CSV. A record with a missing value (NaN, empty text) in "
+                        "a key field is kept as subject unknown_<id>, its own subject, and "
+                        "listed in the summary. Without it training takes the subject from "
+                        "the id's part before the first '_'")
     p.add_argument("--extra_cols", nargs="*", default=[],
                    help="more metadata fields for the CSV, e.g. age sex for --covariates")
     p.add_argument("--meta_group", default=META_GROUP, help="HDF5 group of the metadata fields")
@@ -573,17 +773,62 @@ def get_args_parser() -> ArgumentParser:
 
 
 def summarize(n_rows: int, labels: pd.DataFrame, n_present: int, rejected: list,
-              target_cols: Sequence[str], paths: Dict[str, str]) -> str:
-    """The report printed at the end: counts, rejections by reason, output paths."""
+              target_cols: Sequence[str], paths: Dict[str, str],
+              subjects: Sequence[str] = ()) -> str:
+    """The report printed at the end: counts, rejections by reason, the ``subjects`` lines
+    (``subject_lines``), output paths."""
     lines = [f"{n_rows} records: {len(labels)} written ({n_present} already there), "
              f"{len(rejected)} rejected"]
     lines += [f"  rejected {reason}: {count}"
-              for reason, count in sorted(Counter(r for _, _, r in rejected).items())]
+              for reason, count in sorted(Counter(r[2] for r in rejected).items())]
     n_missing = int(labels[list(target_cols)].isna().any(axis=1).sum())
     if n_missing:
         lines.append(f"  written with an empty label cell: {n_missing}")
+    lines += subjects
     lines += [f"  {name}: {path}" for name, path in paths.items()]
     return "\n".join(lines)
+
+
+def subject_lines(labels: pd.DataFrame, subject_key: Optional[Sequence[str]],
+                  unknown_ids: Sequence[str], n_other_subject: Optional[int],
+                  shown: int = 10) -> List[str]:
+    """Summary lines on subjects: records per subject over the written records, the
+    records of unknown subject, and (``n_other_subject`` not None) the duplicate recordings
+    whose subject differs from the original's."""
+    lines = []
+    if n_other_subject is not None:
+        lines.append(f"  same recording, different subject: {n_other_subject} (duplicate_signal "
+                     f"rows whose subject differs from the original's: the ids or the "
+                     f"--subject_key fields may be wrong)")
+    if len(labels):
+        subjects = labels["subject_id"] if subject_key else labels["ssoid"].map(subject_of)
+        counts = subjects.value_counts()
+        rule = ("subject_id from --subject_key " + " ".join(subject_key) if subject_key
+                else "id part before the first '_', no --subject_key")
+        lines.append(f"  subjects ({rule}): {len(counts)}; records per subject min "
+                     f"{counts.min()} / median {counts.median():g} / max {counts.max()}; "
+                     f"{int((counts == 1).sum())} subjects with one record")
+    if unknown_ids:
+        more = len(unknown_ids) - shown
+        lines.append(f"  unknown subjects (a --subject_key value is missing; each record is "
+                     f"kept as its own subject {UNKNOWN_SUBJECT}<id>): {len(unknown_ids)}: "
+                     + ", ".join(unknown_ids[:shown]) + (f" and {more} more" if more > 0 else ""))
+    return lines
+
+
+def duplicate_signals(results: Sequence[Result]) -> Dict[int, Tuple[int, str]]:
+    """Usable rows whose signal digest equals an earlier usable row's, in row order:
+    row -> (the first row with that digest, its id)."""
+    first: Dict[str, Tuple[int, str]] = {}
+    repeats = {}
+    for r in sorted(results):
+        if r.reason is not None:
+            continue
+        if r.digest in first:
+            repeats[r.row] = first[r.digest]
+        else:
+            first[r.digest] = (r.row, r.id)
+    return repeats
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
@@ -591,14 +836,15 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     check_args(args)
     fields = [("--id_key", args.id_key), *(("--target_cols", c) for c in args.target_cols),
               *(("--extra_cols", c) for c in args.extra_cols),
-              *((("--subject_key", args.subject_key),) if args.subject_key else ())]
-    text = [args.id_key, *([args.subject_key] if args.subject_key else [])]
+              *(("--subject_key", k) for k in args.subject_key or [])]
     with open_h5(args.h5_path) as f:
         cohort = check_cohort(f, args.h5_path, fields, args.meta_group, args.ecg_key, args.ppg_key)
         check_columns(f[args.meta_group], args.h5_path, args)
-        columns = read_columns(f[args.meta_group], [name for _, name in fields], text)
+        columns = read_columns(f[args.meta_group], [name for _, name in fields], [args.id_key])
+    subjects, unknown = (subject_ids([columns[k] for k in args.subject_key], columns[args.id_key])
+                         if args.subject_key else (None, None))
     check_outputs(args.output_npz, args.output_csv)
-    manifest = manifest_for(cohort, args.id_key, args.target_seq_len)
+    manifest = manifest_for(cohort, args.id_key, args.target_seq_len, time_base_of(args))
     settings = labels_settings(manifest, args)
     check_labels_settings(args.output_csv, settings, args.overwrite)
     present = existing_npz(args.output_npz, manifest)
@@ -613,23 +859,39 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         write_json_atomic(os.path.join(args.output_npz, MANIFEST), manifest)
         # first: a killed run's re-run with the same settings may then finish the CSVs
         write_json_atomic(settings_path(args.output_csv), settings)
-        todo = [(row, rid) for row, rid in usable if rid not in present]
-        tasks = make_tasks(todo, args.chunk_rows, args.workers, h5_path=args.h5_path,
-                           id_key=args.id_key, meta_group=args.meta_group, ecg_key=args.ecg_key,
-                           ppg_key=args.ppg_key, out_dir=args.output_npz,
-                           target_len=args.target_seq_len)
-        results = run_with_progress(tasks, args.workers, len(todo))
-        written = sorted([(row, rid) for row, rid in usable if rid in present]
-                         + [(row, rid) for row, rid, reason in results if reason is None])
-        rejected = sorted(rejected + [r for r in results if r[2] is not None])
-        labels = labels_frame(written, columns, args.subject_key, args.target_cols,
-                              args.extra_cols)
+        # rows already written are read again for their digest, not resampled
+        tasks = make_tasks(usable, args.chunk_rows, args.workers,
+                           present=frozenset(row for row, rid in usable if rid in present),
+                           h5_path=args.h5_path, id_key=args.id_key, meta_group=args.meta_group,
+                           ecg_key=args.ecg_key, ppg_key=args.ppg_key, out_dir=args.output_npz,
+                           target_len=args.target_seq_len, time_base=time_base_of(args),
+                           mains_hz=args.mains_hz if args.features else None)
+        results = run_with_progress(tasks, args.workers, len(usable))
+        repeats = duplicate_signals(results)
+        for r in results:
+            if r.row in repeats:
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(os.path.join(args.output_npz, r.id + ".npz"))
+        written = sorted((r.row, r.id) for r in results
+                         if r.reason is None and r.row not in repeats)
+        rejected = sorted([(*r, "") for r in rejected]
+                          + [(r.row, r.id, r.reason, "") for r in results if r.reason is not None]
+                          + [(r.row, r.id, "duplicate_signal", repeats[r.row][1])
+                             for r in results if r.row in repeats])
+        labels = labels_frame(written, columns, subjects, args.target_cols, args.extra_cols,
+                              {r.row: r for r in results})
         write_csv_atomic(args.output_csv, labels)
         write_csv_atomic(rejected_path(args.output_csv),
                          pd.DataFrame(rejected, columns=REJECTED_COLUMNS))
-    print(summarize(cohort.n_rows, labels, len(usable) - len(todo), rejected, args.target_cols,
-                    {"npz": args.output_npz, "labels": args.output_csv,
-                     "rejected": rejected_path(args.output_csv)}))
+    other_subject = None if subjects is None else sum(
+        subjects[row] != subjects[first] and not (unknown[row] or unknown[first])
+        for row, (first, _) in repeats.items())
+    unknown_ids = [] if unknown is None else [rid for row, rid in written if unknown[row]]
+    print(summarize(cohort.n_rows, labels, sum(rid in present for _, rid in written), rejected,
+                    args.target_cols, {"npz": args.output_npz, "labels": args.output_csv,
+                                       "rejected": rejected_path(args.output_csv)},
+                    subject_lines(labels, args.subject_key, unknown_ids,
+                                  other_subject if repeats else None)))
 
 
 if __name__ == "__main__":

@@ -7,8 +7,10 @@
 
 Splits subjects (not records) into train/val/test, trains with AMP on CUDA, keeps the
 epoch with the lowest mean validation MAE, and writes the files of CONTRACT section 3
-into --out_dir: bp_best.pth, bp_last.pth, args.json, split.csv, history.csv,
-skipped_records.csv, val/test_predictions.csv and final_metrics.json.
+into --out_dir: bp_best.pth, bp_last.pth, args.json, split.csv, split_audit.json,
+history.csv, skipped_records.csv, val/test_predictions.csv and final_metrics.json.
+split_audit.json says how subjects were found (--subject_col) and checks that no recording
+(prepare's signal_digest) sits in two splits; a run whose split would do that is refused.
 A killed run continues with the same command plus --resume.
 
 Several GPUs or nodes: the same command under torchrun trains with
@@ -42,6 +44,7 @@ import losses
 import metrics
 import plot_results
 import utils
+from prepare_kailuan_npz import DIGEST_COLUMN
 from utils import UserError
 
 CONSTRAINS = ("none", "clip", "sigmoid", "tanh")
@@ -65,9 +68,27 @@ def get_args_parser() -> utils.ArgumentParser:
                            "two-valued or few-valued columns become 0/1 inputs, missing "
                            "values get the train median/mode and a missing indicator; adds "
                            "a ridge-on-covariates baseline to final_metrics.json")
+    data.add_argument("--subject_col", default=None,
+                      help="labels-CSV column that names each record's person for the "
+                           "subject-wise split (e.g. uid, or subject_id from prepare's "
+                           "--subject_key name age sex); default: subject_id when the CSV has "
+                           "it, else the part of ssoid before the first '_'. Records of one "
+                           "person under two subjects can land in train and test")
     data.add_argument("--val_ratio", type=float, default=0.1, help="fraction of subjects for validation")
     data.add_argument("--test_ratio", type=float, default=0.2, help="fraction of subjects for test")
     data.add_argument("--seed", type=int, default=666, help="seed of the split, the init and the shuffling")
+    data.add_argument("--folds", type=int, default=0,
+                      help="K-fold cross-validation: deal the subjects into K folds from --seed "
+                           "and use fold --fold as the test split (--test_ratio is then "
+                           "unused; validation takes --val_ratio of the other subjects); "
+                           "0: one --val_ratio/--test_ratio split. crossval_bp.py runs every "
+                           "fold and pools them")
+    data.add_argument("--fold", type=int, default=0,
+                      help="with --folds K: the fold (0 to K-1) that is the test split")
+    data.add_argument("--calibration_order", default=None,
+                      help="labels-CSV column (e.g. a visit date or number) whose first value "
+                           "per subject picks the record that calibrates the others in the "
+                           "one-point 'calibrated' metrics (default: ssoid order)")
     data.add_argument("--no_zscore", action="store_true",
                       help="feed raw signals instead of per-record, per-channel z-scored ones")
     data.add_argument("--cache_dir", default=None,
@@ -154,6 +175,9 @@ def parse_args(argv: Optional[Sequence[str]]):
                              "validation split"),
         (args.test_ratio > 0, "--test_ratio must be above 0: final_metrics.json reports the "
                               "test split"),
+        (args.folds == 0 or args.folds >= 2, "--folds must be 0 (no cross-validation) or at "
+                                             "least 2"),
+        (args.folds > 0 or args.fold == 0, "--fold needs --folds"),
         (len(set(args.covariates)) == len(args.covariates), "--covariates names a column twice"),
         (args.modality != "none" or args.covariates,
          "--modality none is a covariates-only model: give --covariates"),
@@ -163,10 +187,12 @@ def parse_args(argv: Optional[Sequence[str]]):
     for ok, message in checks:
         if not ok:
             raise UserError(message)
-    clash = set(args.covariates) & {"ssoid", "subject_id", *args.target_cols}
+    clash = set(args.covariates) & {"ssoid", "subject_id", args.subject_col, *args.target_cols}
     if clash:
         raise UserError(f"--covariates: {', '.join(sorted(clash))} is an id or a target, "
                         f"not a covariate")
+    if args.subject_col in args.target_cols:
+        raise UserError(f"--subject_col: {args.subject_col} is a target, not a subject")
     if args.modality != "both":
         args.fusion = "none"
     return args
@@ -204,24 +230,46 @@ def check_resume(args, saved: dict, world_size: int) -> None:
 
 
 # ============================================================================= data
-def load_table(args) -> pd.DataFrame:
-    """Usable label rows with their subject and split (CONTRACT section 3)."""
-    labels = dataset.read_labels(args.labels_csv, args.target_cols)
+def load_table(args) -> Tuple[pd.DataFrame, str]:
+    """Usable label rows with their subject (CONTRACT section 3), and the rule in words
+    that gave the subjects."""
+    labels = dataset.read_labels(args.labels_csv, args.target_cols,
+                                 text=[args.subject_col] if args.subject_col else [])
+    columns = f"(columns: {', '.join(map(str, labels.columns))})"
     missing = [c for c in args.covariates if c not in labels.columns]
     if missing:
         raise UserError(f"--covariates: labels CSV {args.labels_csv} has no column "
-                        f"{', '.join(missing)} (columns: {', '.join(map(str, labels.columns))})")
+                        f"{', '.join(missing)} {columns}")
+    if args.calibration_order and args.calibration_order not in labels.columns:
+        raise UserError(f"--calibration_order: labels CSV {args.labels_csv} has no column "
+                        f"{args.calibration_order} {columns}")
+    if args.subject_col and args.subject_col not in labels.columns:
+        raise UserError(f"--subject_col: labels CSV {args.labels_csv} has no column "
+                        f"{args.subject_col} {columns}")
     rows, dropped = dataset.usable_rows(labels, args.npz_dir, args.target_cols)
     print(f"labels: {len(labels)} rows, {len(rows)} usable"
           + "".join(f"; dropped {n} ({why})" for why, n in dropped.items()))
-    if "subject_id" in rows.columns:
-        if rows["subject_id"].isna().any():
-            raise UserError(f"labels CSV {args.labels_csv}: {int(rows['subject_id'].isna().sum())} "
-                            f"usable rows have an empty subject_id")
-        rows["subject_id"] = rows["subject_id"].astype(str)
-    else:
-        rows["subject_id"] = rows["ssoid"].map(utils.subject_of)
-    return rows
+    rows["subject_id"], rule = record_subjects(rows, args.subject_col, args.labels_csv)
+    print(f"subjects: {rule}")
+    return rows, rule
+
+
+def record_subjects(rows: pd.DataFrame, subject_col: Optional[str],
+                    source: str) -> Tuple[pd.Series, str]:
+    """Each row's subject as text and the rule that gave it, in words: the ``subject_col``
+    column, else ``subject_id``, else the part of ``ssoid`` before the first ``_``."""
+    col = subject_col or ("subject_id" if "subject_id" in rows.columns else None)
+    if col is None:
+        return rows["ssoid"].map(utils.subject_of), (
+            "the part of ssoid before the first '_' (the labels CSV has no subject_id column; "
+            "set one with prepare's --subject_key, or name a column with --subject_col)")
+    values = rows[col].astype(object)
+    empty = values.isna() | (values.astype(str).str.strip() == "")
+    if empty.any():
+        raise UserError(f"labels CSV {source}: {int(empty.sum())} usable rows have an empty "
+                        f"{col}" + (" (--subject_col)" if subject_col else ""))
+    how = "--subject_col" if subject_col else "default; --subject_col names another"
+    return values.astype(str), f"column {col} of the labels CSV ({how})"
 
 
 def check_files(args, rows: pd.DataFrame) -> Tuple[pd.DataFrame, int, pd.DataFrame]:
@@ -237,22 +285,96 @@ def check_files(args, rows: pd.DataFrame) -> Tuple[pd.DataFrame, int, pd.DataFra
     return rows[rows["ssoid"].isin(set(good))].reset_index(drop=True), length, skipped
 
 
-def assign_split(args, rows: pd.DataFrame) -> pd.DataFrame:
-    split = utils.split_subjects(rows["subject_id"], args.val_ratio, args.test_ratio, args.seed)
-    rows = rows.assign(split=rows["subject_id"].map(split))
+def assign_split(args, rows: pd.DataFrame, rule: str) -> Tuple[pd.DataFrame, dict]:
+    """Rows with their ``split`` (and with --folds their subject's ``fold``), and the
+    split audit; a split that separates two copies of one recording is refused."""
+    if args.folds:
+        split = utils.split_by_fold(rows["subject_id"], args.folds, args.fold, args.val_ratio,
+                                    args.seed)
+        fold_of = utils.subject_folds(rows["subject_id"], args.folds, args.seed)
+        rows = rows.assign(split=rows["subject_id"].map(split),
+                           fold=rows["subject_id"].map(fold_of))
+    else:
+        split = utils.split_subjects(rows["subject_id"], args.val_ratio, args.test_ratio,
+                                     args.seed)
+        rows = rows.assign(split=rows["subject_id"].map(split))
     counts = {s: (int((rows["split"] == s).sum()),
                   rows.loc[rows["split"] == s, "subject_id"].nunique())
               for s in ("train", "val", "test")}
     print("split: " + ", ".join(f"{s} {n} records / {k} subjects" for s, (n, k) in counts.items()))
-    return rows
+    audit = split_audit(rows["ssoid"], rows["subject_id"], rows["split"], rule,
+                        rows[DIGEST_COLUMN] if DIGEST_COLUMN in rows.columns else None)
+    if audit["digest_check"] == "failed":
+        raise UserError(digest_error(audit["digest_conflicts"], args.labels_csv))
+    if audit["one_record_subjects_only"]:
+        print(f"warning: every subject has exactly one record ({audit['records']} records / "
+              f"{audit['subjects']} subjects; subject = {audit['subject_rule']}): if a person "
+              f"has several records, they may sit in train and test. Name the person with "
+              f"--subject_key at prep (e.g. --subject_key name age sex) or --subject_col here; "
+              f"ignore this only if the cohort truly has one record per person")
+    return rows, audit
 
 
-def write_run_files(args, rows: pd.DataFrame, skipped: pd.DataFrame) -> None:
-    """The files known before training: args.json, split.csv, skipped_records.csv."""
+def _per_subject(subjects: pd.Series) -> dict:
+    counts = subjects.value_counts()
+    spread = ({"min": int(counts.min()), "median": float(counts.median()),
+               "max": int(counts.max())} if len(counts) else None)
+    return {"records": int(len(subjects)), "subjects": int(len(counts)),
+            "records_per_subject": spread, "one_record_subjects": int((counts == 1).sum())}
+
+
+def split_audit(ids: Sequence[str], subjects: Sequence[str], splits: Sequence[str], rule: str,
+                digests: Optional[Sequence[object]] = None) -> dict:
+    """What split_audit.json holds: records, subjects and records per subject overall and
+    per split, the subject ``rule``, ``one_record_subjects_only``, the subjects found in more
+    than one split (0 for a subject-wise split), and the digest check: two records with one
+    signal digest (the same recording) in different splits make it ``failed``, with the pairs
+    in ``digest_conflicts``. Missing digests are not compared."""
+    frame = pd.DataFrame({"ssoid": list(ids), "subject": list(subjects), "split": list(splits)})
+    audit = {"subject_rule": rule, **_per_subject(frame["subject"])}
+    audit["one_record_subjects_only"] = bool(
+        audit["subjects"] and audit["one_record_subjects"] == audit["subjects"])
+    audit["subjects_in_several_splits"] = int(
+        (frame.groupby("subject")["split"].nunique() > 1).sum())
+    audit["splits"] = {s: _per_subject(frame.loc[frame["split"] == s, "subject"])
+                       for s in ("train", "val", "test")}
+    if digests is None:
+        audit["digest_check"] = f"no {DIGEST_COLUMN} column"
+        return audit
+    frame["digest"] = list(digests)
+    frame = frame[frame["digest"].notna() & (frame["digest"].astype(str).str.strip() != "")]
+    shared = frame[frame["digest"].duplicated(keep=False)]
+    conflicts = []
+    for digest, part in shared.groupby("digest", sort=False):
+        first = part.iloc[0]
+        for _, other in part[part["split"] != first["split"]].iterrows():
+            conflicts.append({"digest": str(digest), "ids": [first["ssoid"], other["ssoid"]],
+                              "splits": [first["split"], other["split"]]})
+    audit["records_sharing_a_digest"] = int(len(shared))
+    audit["digest_check"] = "failed" if conflicts else "passed"
+    if conflicts:
+        audit["digest_conflicts"] = conflicts
+    return audit
+
+
+def digest_error(conflicts: List[dict], source: str) -> str:
+    """The one-line refusal of a split that separates copies of one recording."""
+    first = conflicts[0]
+    (a, b), (sa, sb) = first["ids"], first["splits"]
+    more = f" ({len(conflicts) - 1} more such pairs)" if len(conflicts) > 1 else ""
+    return (f"labels CSV {source}: records {a} ({sa}) and {b} ({sb}) hold the same recording "
+            f"({DIGEST_COLUMN} {first['digest']}) but fall in different splits{more}; give "
+            f"them one subject (prepare's --subject_key, or --subject_col) or drop the copy")
+
+
+def write_run_files(args, rows: pd.DataFrame, skipped: pd.DataFrame, audit: dict) -> None:
+    """The files known before training: args.json, split.csv (with ``fold`` under
+    --folds), split_audit.json, skipped_records.csv."""
     os.makedirs(args.out_dir, exist_ok=True)
+    utils.write_json_atomic(os.path.join(args.out_dir, "split_audit.json"), audit)
     utils.write_json_atomic(os.path.join(args.out_dir, "args.json"), vars(args))
     utils.write_csv_atomic(os.path.join(args.out_dir, "split.csv"),
-                           rows[["ssoid", "subject_id", "split"]])
+                           rows[["ssoid", "subject_id", "split"] + (["fold"] if args.folds else [])])
     utils.write_csv_atomic(os.path.join(args.out_dir, "skipped_records.csv"), skipped)
 
 
@@ -291,7 +413,8 @@ def make_loader(args, part: pd.DataFrame, rows_in_cache: np.ndarray, stats: dict
     return DataLoader(ds, batch_size=args.batch_size, sampler=sampler, collate_fn=collate,
                       drop_last=train and len(sampler) > args.batch_size,
                       num_workers=workers, persistent_workers=workers > 0,
-                      pin_memory=device.type == "cuda")
+                      pin_memory=device.type == "cuda",
+                      generator=utils.loader_generator(args.seed, dist.rank, int(train)))
 
 
 # ============================================================================= model
@@ -309,7 +432,7 @@ def build_model(args, stats: dict, pretrain: Optional[str],
     if pretrain:
         utils.run_on_rank0(lambda: backbones.load_pretrained(
             model, pretrain, trust=args.trust_checkpoint, target_cols=args.target_cols,
-            covariates=args.covariates), dist)
+            stats=stats), dist)
     elif args.pretrain is None and model.encoders:
         print("warning: no --pretrain given: the encoders start from random weights")
     if args.freeze_backbone:
@@ -343,31 +466,44 @@ def checkpoint_payload(args, model, stats: dict, epoch: int, seq_len: int,
 
 
 def training_state(optimizer, scheduler, scaler, history: List[dict], best: dict,
-                   rng_states: List[torch.Tensor]) -> dict:
-    """What bp_last.pth adds for --resume; ``rng_states`` holds each rank's torch RNG."""
+                   rng_states: List[dict]) -> dict:
+    """What bp_last.pth adds for --resume; ``rng_states`` holds each rank's
+    ``utils.rng_state`` (CPU and CUDA generators)."""
     return {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
             "scaler": scaler.state_dict(), "history": history, "best": best,
             "rng_states": rng_states, "world_size": len(rng_states)}
 
 
 # ============================================================================= reporting
-def history_row(epoch: int, train: dict, val: dict, val_metrics: dict, target_cols, optimizer,
+def _group_lr(lrs: Dict[str, float], part: str) -> float:
+    """The learning rate of ``part`` (``backbone`` or ``head``); 0.0 when it has no group
+    (a frozen backbone, a covariates-only model)."""
+    return lrs.get(part, lrs.get(f"{part}_no_decay", 0.0))
+
+
+def history_row(epoch: int, train: dict, val: dict, val_metrics: dict, target_cols,
                 seconds: float) -> dict:
-    lrs = {g.get("name", "head"): g["lr"] for g in optimizer.param_groups}
+    """One history.csv row. ``lr_backbone``/``lr_head``: the rates of the epoch's first
+    optimiser step; ``lr_backbone_last``/``lr_head_last``: of its last step (the schedule
+    moves every step, so an epoch spans that range)."""
+    first, last = train["lr_first"], train["lr_last"]
     row = {"epoch": epoch, "train_loss": train["loss"], "val_loss": val["loss"],
            "val_mae_mean": val_metrics["mean"]["mae"]}
     row.update({f"val_mae_{c}": val_metrics["per_target"][c]["mae"] for c in target_cols})
-    row.update({"lr_backbone": lrs.get("backbone", lrs.get("backbone_no_decay", 0.0)),
-                "lr_head": lrs.get("head", lrs.get("head_no_decay", 0.0)), "seconds": seconds,
-                "train_records_per_s": train["records_per_s"],
-                "skipped_steps": train["skipped_steps"]})
+    row.update({"lr_backbone": _group_lr(first, "backbone"), "lr_head": _group_lr(first, "head"),
+                "seconds": seconds, "train_records_per_s": train["records_per_s"],
+                "skipped_steps": train["skipped_steps"],
+                "lr_backbone_last": _group_lr(last, "backbone"),
+                "lr_head_last": _group_lr(last, "head")})
     return row
 
 
 def split_report(result: dict, part: pd.DataFrame, target_cols: Sequence[str],
-                 stats: dict, ridge) -> dict:
+                 stats: dict, ridge, calibration_order: Optional[str]) -> dict:
     """The ``val``/``test`` block of final_metrics.json (model, train-mean baseline, CIs,
-    and with covariates the ridge baseline ``ridge``, a fitted ``metrics.fit_ridge``)."""
+    with covariates the ridge baseline ``ridge``, a fitted ``metrics.fit_ridge``, and with
+    subjects of two or more records the one-point ``calibrated`` block, each subject's
+    first record in ``calibration_order`` (a column; ``ssoid`` when None) calibrating)."""
     part = part.set_index("ssoid").loc[result["ids"]]
     covariate_pred = None
     if ridge is not None:
@@ -380,6 +516,12 @@ def split_report(result: dict, part: pd.DataFrame, target_cols: Sequence[str],
         block["covariate_baseline"].update(
             {"model": "ridge", "alpha": metrics.RIDGE_ALPHA,
              "inputs": dataset.covariate_names(stats["covariates"])})
+    order = part[calibration_order] if calibration_order else part.index
+    calibrated = metrics.calibrated_block(result["y_true"], result["y_pred"],
+                                          part["subject_id"].to_numpy(), order.to_numpy(),
+                                          target_cols)
+    if calibrated is not None:
+        block["calibrated"] = {"order": calibration_order or "ssoid", **calibrated}
     return block
 
 
@@ -446,29 +588,31 @@ def git_revision() -> str:
 
 # ============================================================================= phases
 def load_data(args):
-    """Checked rows with their split, the common record length, the skipped table, and the
-    train-split statistics (targets, and the covariate encoding)."""
-    rows = load_table(args)
+    """Checked rows with their split, the common record length, the skipped table, the
+    train-split statistics (targets, and the covariate encoding) and the split audit."""
+    rows, rule = load_table(args)
     rows, seq_len, skipped = check_files(args, rows)
-    rows = assign_split(args, rows)
+    rows, audit = assign_split(args, rows, rule)
     train = rows[rows["split"] == "train"]
     stats = target_stats(train, args.target_cols, args.y_margin)
     stats["covariates"] = dataset.fit_covariates(train, args.covariates,
                                                  f"labels CSV {args.labels_csv}")
+    # not a statistic, but like them saved in every checkpoint: what one sample means
+    stats["sample_rate_hz"] = utils.npz_sample_rate(args.npz_dir)
     if args.covariates:
         filled = dataset.encode_covariates(rows, stats["covariates"])[1]
         print("covariates (encoded from the train split):\n"
               + dataset.describe_covariates(stats["covariates"])
               + "".join(f"\n  {name}: {n} of {len(rows)} values missing or unseen in training"
                         for name, n in filled.items() if n))
-    return rows, seq_len, skipped, stats
+    return rows, seq_len, skipped, stats, audit
 
 
 def start_on_rank0(args, dist: utils.DistInfo):
     """Rank 0 checks --out_dir, reads bp_last.pth (--resume) and the data, and hands them
     to every rank, so all ranks train on one split whatever their file systems show.
 
-    Returns (bp_last.pth contents or None, rows, seq_len, skipped, stats).
+    Returns (bp_last.pth contents or None, rows, seq_len, skipped, stats, audit).
     """
     def start():
         check_out_dir(args)
@@ -520,14 +664,14 @@ def wrap_model(args, model: backbones.BPModel, device: torch.device, dist: utils
     return compiled, (compiled if train_model is model else torch.compile(model))
 
 
-def restore(saved: dict, model, optimizer, scheduler, scaler,
-            dist: utils.DistInfo) -> Tuple[List[dict], dict]:
+def restore(saved: dict, model, optimizer, scheduler, scaler, dist: utils.DistInfo,
+            device: torch.device) -> Tuple[List[dict], dict]:
     """Put a killed run's state back; returns its history and best-epoch record."""
     model.load_state_dict(saved["model"])
     optimizer.load_state_dict(saved["optimizer"])
     scheduler.load_state_dict(saved["scheduler"])
     scaler.load_state_dict(saved["scaler"])
-    torch.set_rng_state(saved.get("rng_states", [saved.get("torch_rng")])[dist.rank])
+    utils.set_rng_state(saved.get("rng_states", [saved.get("torch_rng")])[dist.rank], device)
     print(f"resuming after epoch {saved['epoch']} (best so far: epoch {saved['best']['epoch']})")
     return list(saved["history"]), dict(saved["best"])
 
@@ -563,7 +707,7 @@ def final_report(args, model, eval_model, loaders, loss_fn, device,
                                  result["ids"], result["y_true"], result["y_pred"],
                                  args.target_cols)
         report[split] = split_report(result, rows[rows["split"] == split], args.target_cols,
-                                     stats, ridge)
+                                     stats, ridge, args.calibration_order)
     if not dist.is_main:
         return None
     utils.write_json_atomic(os.path.join(args.out_dir, "final_metrics.json"), report)
@@ -599,7 +743,7 @@ def train(args, dist: utils.DistInfo, device: torch.device) -> None:
     utils.seed_everything(args.seed + dist.rank)  # own dropout masks per rank
 
     # ---------------------------------------------------------------- data and model
-    saved, rows, seq_len, skipped, stats = start_on_rank0(args, dist)
+    saved, rows, seq_len, skipped, stats, audit = start_on_rank0(args, dist)
     # a resumed run's weights replace any pre-trained start
     model = build_model(args, stats, None if saved else args.pretrain, dist).to(device)
     loaders = make_loaders(args, rows, stats, seq_len, device, dist)
@@ -611,17 +755,18 @@ def train(args, dist: utils.DistInfo, device: torch.device) -> None:
     history: List[dict] = []
     best = {"epoch": 0, "val_mae_mean": math.inf}
     if saved is not None:
-        history, best = restore(saved, model, optimizer, scheduler, scaler, dist)
+        history, best = restore(saved, model, optimizer, scheduler, scaler, dist, device)
     train_model, eval_model = wrap_model(args, model, device, dist)
     if dist.is_main:
-        write_run_files(args, rows, skipped)
+        write_run_files(args, rows, skipped, audit)
     backend = f" ({torch.distributed.get_backend()})" if dist.enabled else ""
     print(f"device {device}  amp {amp_dtype}  processes {dist.world_size}{backend}  "
           f"records per step {args.batch_size} x {args.accum_steps} x {dist.world_size} = "
           f"{args.batch_size * args.accum_steps * dist.world_size}  "
           f"lr backbone {args.lr_backbone:g} head {args.lr_head:g}  "
           f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters  "
-          f"{len(loaders['train'].dataset)} training records of length {seq_len}")
+          f"{len(loaders['train'].dataset)} training records of length {seq_len}"
+          + (f" at {stats['sample_rate_hz']:g} Hz" if stats["sample_rate_hz"] else ""))
 
     # ---------------------------------------------------------------- epochs
     for epoch in range(saved["epoch"] + 1 if saved else 1, args.epochs + 1):
@@ -635,13 +780,13 @@ def train(args, dist: utils.DistInfo, device: torch.device) -> None:
                                              scheduler, args.accum_steps)
         val = evaluate_split(eval_model, loaders, "val", loss_fn, device, stats)
         val_metrics = metrics.regression_metrics(val["y_true"], val["y_pred"], args.target_cols)
-        row = history_row(epoch, train_stats, val, val_metrics, args.target_cols, optimizer,
+        row = history_row(epoch, train_stats, val, val_metrics, args.target_cols,
                           time.perf_counter() - tic)
         history.append(row)
         improved = row["val_mae_mean"] < best["val_mae_mean"]
         if improved:
             best = {"epoch": epoch, "val_mae_mean": row["val_mae_mean"]}
-        rng_states = utils.all_gather_object(torch.get_rng_state())
+        rng_states = utils.all_gather_object(utils.rng_state(device))
         if dist.is_main:
             save_epoch(args, model, stats, epoch, rows, seq_len, improved, training_state(
                 optimizer, scheduler, scaler, history, best, rng_states), history)

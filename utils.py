@@ -121,6 +121,20 @@ def save_npz_atomic(path: str, **arrays: np.ndarray) -> None:
     write_bytes_atomic(path, buf.getvalue())
 
 
+# ----------------------------------------------------------------------------- npz folders
+NPZ_MANIFEST = ".prepare_kailuan_npz.json"  # prepare_kailuan_npz.py's record of a folder
+
+
+def npz_sample_rate(npz_dir: str) -> Optional[float]:
+    """The sampling rate (Hz) of the records in ``npz_dir`` as prep recorded it, or None
+    (unknown: prepared without a time base, or by an older prep)."""
+    path = os.path.join(npz_dir, NPZ_MANIFEST)
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as fh:
+        return json.load(fh).get("sample_rate_hz")
+
+
 # ----------------------------------------------------------------------------- seeding
 def seed_everything(seed: int) -> None:
     """Seed python, numpy and torch (CPU and CUDA)."""
@@ -129,6 +143,36 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % (2 ** 32))
     torch.manual_seed(seed)
+
+
+def rng_state(device) -> dict:
+    """This process's torch random state: the CPU generator's and, on CUDA, the device's
+    (dropout on a GPU draws from the latter)."""
+    import torch
+
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    return {"cpu": torch.get_rng_state(), "cuda": cuda}
+
+
+def set_rng_state(state, device) -> None:
+    """Restore ``rng_state``'s result (or, from older checkpoints, a bare CPU state)."""
+    import torch
+
+    if not isinstance(state, dict):
+        state = {"cpu": state, "cuda": None}
+    torch.set_rng_state(state["cpu"])
+    if state["cuda"] is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def loader_generator(seed: int, rank: int, stream: int):
+    """A DataLoader's own generator, seeded from (seed, rank, stream): the loader draws
+    its worker seeds from it instead of the global generator, so how often loaders are
+    (re)started (persistent workers, a resumed run) never shifts the dropout masks."""
+    import torch
+
+    state = np.random.SeedSequence([seed, rank, stream]).generate_state(2, dtype=np.uint32)
+    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
 
 
 # ----------------------------------------------------------------------------- split
@@ -165,6 +209,40 @@ def split_subjects(subjects: Sequence[str], val_ratio: float, test_ratio: float,
     for i, subj in enumerate(shuffled):
         split[subj] = "test" if i < n_test else ("val" if i < n_test + n_val else "train")
     return split
+
+
+def subject_folds(subjects: Sequence[str], folds: int, seed: int) -> Dict[str, int]:
+    """Each distinct subject's fold, 0 to ``folds`` - 1: subjects sorted, shuffled with
+    ``seed`` and dealt in turn, so fold sizes differ by one at most and the same subjects
+    and seed always give the same folds."""
+    unique = sorted(set(str(s) for s in subjects))
+    if folds < 2:
+        raise UserError(f"--folds must be at least 2, got {folds}")
+    if len(unique) < folds:
+        raise UserError(f"too few subjects ({len(unique)}) for --folds {folds}: each fold "
+                        f"needs at least one")
+    order = np.random.default_rng(seed).permutation(len(unique))
+    return {unique[i]: k % folds for k, i in enumerate(order)}
+
+
+def split_by_fold(subjects: Sequence[str], folds: int, fold: int, val_ratio: float,
+                  seed: int) -> Dict[str, str]:
+    """``split_subjects`` for K-fold cross-validation: fold ``fold``'s subjects are the test
+    split; validation takes ``val_ratio`` of the other subjects (at least one), in the
+    order ``seed`` shuffled them; the rest train."""
+    fold_of = subject_folds(subjects, folds, seed)
+    if not 0 <= fold < folds:
+        raise UserError(f"--fold must be in [0, {folds - 1}] with --folds {folds}, got {fold}")
+    if not 0.0 < val_ratio < 1.0:
+        raise UserError(f"--val_ratio must be in (0, 1), got {val_ratio}")
+    rest = [s for s, k in fold_of.items() if k != fold]  # in shuffled order
+    n_val = max(1, int(round(len(rest) * val_ratio)))
+    if n_val >= len(rest):
+        raise UserError(f"too few subjects ({len(fold_of)}) for --folds {folds} and "
+                        f"--val_ratio {val_ratio}: the train split would be empty")
+    val = set(rest[:n_val])
+    return {s: "test" if k == fold else ("val" if s in val else "train")
+            for s, k in fold_of.items()}
 
 
 # ----------------------------------------------------------------------------- checkpoints

@@ -453,19 +453,65 @@ def test_project_checkpoint_loads_encoders_and_matching_head(tmp_path, modality,
     assert other.head.mlp[-1].weight.abs().max() == 0
 
 
-def test_project_head_skipped_when_the_covariates_differ_at_equal_shapes(tmp_path):
-    trained = tiny_model("ecg", n_covariates=1)
+AGE = {"name": "age", "kind": "numeric", "mean": 55.0, "std": 10.0, "fill": 55.0,
+       "missing_indicator": False}
+SEX = {"name": "sex", "kind": "categorical", "levels": ["0", "1"], "fill": "1",
+       "missing_indicator": False}
+OLD = {"target_mean": [120.0, 80.0, 40.0], "target_std": [15.0, 10.0, 8.0],
+       "covariates": [AGE, SEX]}
+
+
+def _trained_head(tmp_path, hidden):
+    """A tiny ECG model with random weights, saved as a run with the OLD statistics."""
+    trained = tiny_model("ecg", n_covariates=2, head_hidden=hidden)
+    with torch.no_grad():
+        for param in trained.parameters():
+            param.add_(0.3 * torch.randn_like(param))
     path = str(tmp_path / "bp_best.pth")
-    spec = {"name": "age", "kind": "numeric", "mean": 55.0, "std": 10.0, "fill": 55.0,
-            "missing_indicator": False}
-    save_checkpoint(path, {"model": trained.state_dict(), "target_cols": ["a", "b", "c"],
-                           "covariates": [spec]})
-    for covariates, loaded in ((["age"], True), (["bmi"], False)):
-        report = load_pretrained(tiny_model("ecg", n_covariates=1), path,
-                                 target_cols=["a", "b", "c"], covariates=covariates,
-                                 verbose=False)
-        assert (report["head"]["loaded"] > 0) == loaded, report["head"]
-    assert "covariates differ (file ['age'], now ['bmi'])" in report["head"]["reason"]
+    save_checkpoint(path, {"model": trained.state_dict(), "target_cols": ["a", "b", "c"], **OLD})
+    return trained.eval(), path
+
+
+def _mmhg(model, stats, x, age, sex):
+    cov = torch.stack([(age - stats["covariates"][0]["mean"]) / stats["covariates"][0]["std"],
+                       sex], dim=1)
+    with torch.no_grad():
+        out = model(x, cov)
+    return out * torch.tensor(stats["target_std"]) + torch.tensor(stats["target_mean"])
+
+
+@pytest.mark.parametrize("hidden", [16, 0])
+def test_reused_head_is_re_expressed_in_the_new_run_statistics(tmp_path, hidden):
+    trained, path = _trained_head(tmp_path, hidden)
+    new = {"target_mean": [126.0, 77.0, 45.0], "target_std": [18.0, 9.0, 7.5],
+           "covariates": [{**AGE, "mean": 61.0, "std": 12.5}, SEX]}
+    model = tiny_model("ecg", n_covariates=2, head_hidden=hidden).eval()
+    report = load_pretrained(model, path, target_cols=["a", "b", "c"], stats=new, verbose=False)
+    assert report["head"]["loaded"] > 0 and "re-expressed" in report["head"]["reason"]
+    torch.manual_seed(1)
+    x, age = torch.randn(5, 1, 200), 40 + 40 * torch.rand(5)
+    sex = torch.tensor([0.0, 1.0, 1.0, 0.0, 1.0])
+    # the same mmHg for the same person, whatever statistics each run normalised with
+    torch.testing.assert_close(_mmhg(model, new, x, age, sex), _mmhg(trained, OLD, x, age, sex),
+                               rtol=0, atol=1e-3)
+    same = tiny_model("ecg", n_covariates=2, head_hidden=hidden)
+    load_pretrained(same, path, target_cols=["a", "b", "c"], stats=OLD, verbose=False)
+    for key, value in trained.state_dict().items():  # equal statistics: the head as saved
+        if key not in ("y_lo", "y_hi"):  # bounds belong to the new run's training set
+            torch.testing.assert_close(same.state_dict()[key], value, rtol=0, atol=1e-6)
+
+
+def test_project_head_refused_when_the_covariates_differ(tmp_path):
+    _, path = _trained_head(tmp_path, 16)
+    for covariates, reason in (
+            ([AGE, {**SEX, "name": "bmi"}], "covariates differ (file ['age', 'sex'], now ['age', 'bmi'])"),
+            ([AGE, {**SEX, "levels": ["f", "m"]}], "covariate sex is encoded otherwise (levels"),
+            ([{**AGE, "missing_indicator": True}, SEX], "covariate age is encoded otherwise")):
+        model = tiny_model("ecg", n_covariates=2)
+        report = load_pretrained(model, path, target_cols=["a", "b", "c"],
+                                 stats={**OLD, "covariates": covariates}, verbose=False)
+        assert report["head"]["loaded"] == 0 and reason in report["head"]["reason"]
+        assert model.head.mlp[-1].weight.abs().max() == 0  # the fresh head, not a misfit
 
 
 def test_project_head_skipped_when_fusion_changes_shapes(tmp_path):

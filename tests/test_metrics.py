@@ -225,3 +225,22 @@ def test_proportional_bias_is_the_least_squares_line_of_error_on_mean():
     assert m["ba_slope"] == pytest.approx(-0.2 / 0.9, rel=1e-12)
     flat = metrics.target_metrics(np.array([100.0, 110.0]), np.array([110.0, 100.0]))
     assert (flat["ba_slope"], flat["ba_intercept"]) == (0.0, 0.0)
+
+
+def test_one_point_calibration_by_hand():
+    # rows deliberately out of order: the order column, not the row order, picks the
+    # calibration record (A: order 1, B: order 5); C has one record and is left out
+    rows = [("A", 3, 125.0, 118.0), ("B", 6, 104.0, 101.0), ("A", 1, 120.0, 110.0),
+            ("C", 1, 140.0, 135.0), ("A", 2, 130.0, 128.0), ("B", 5, 100.0, 103.0)]
+    subj, order, t, p = (np.array(c) for c in zip(*rows))
+    block = metrics.calibrated_block(t[:, None], p[:, None], subj, order, ["sbp"], n_boot=50)
+    # A: offset 120 - 110 = +10 -> errors (128 - 125, 138 - 130) = 3, 8; B: offset -3 -> -6
+    m = block["per_target"]["sbp"]
+    assert (block["n_records"], block["n_subjects"]) == (3, 2)
+    assert (block["n_calibration_records"], block["n_subjects_left_out"]) == (2, 1)
+    assert m["mae"] == pytest.approx(17 / 3) and m["me"] == pytest.approx(5 / 3)
+    # the calibrated baseline predicts the calibration record's own truth: -5, -10, -4
+    base = block["baseline"]["per_target"]["sbp"]
+    assert base["mae"] == pytest.approx(19 / 3) and base["me"] == pytest.approx(-19 / 3)
+    assert m["mase"] == pytest.approx(17 / 19)
+    assert metrics.calibrated_block(t[:2, None], p[:2, None], ["A", "B"], [1, 1], ["sbp"]) is None

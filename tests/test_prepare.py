@@ -60,7 +60,8 @@ def faulty(tmp_path_factory):
 # ----------------------------------------------------------------------------- outputs
 def test_files_shapes_dtype_and_column_order(faulty):
     labels, arrays = faulty["labels"], load_npz(faulty["out"] / "npz")
-    assert list(labels.columns) == ["ssoid", "subject_id", *TARGETS, "age", "sex", "name"]
+    assert list(labels.columns) == ["ssoid", "subject_id", *TARGETS, "age", "sex", "name",
+                                    "signal_digest"]
     assert set(labels["ssoid"]) == set(arrays)
     assert len(labels) == len(arrays) == 30 - 14 + 2  # 14 faults, 2 of them missing labels only
     for x in arrays.values():
@@ -104,7 +105,8 @@ def test_every_fault_is_rejected_with_its_reason(faulty):
     ids = [v.decode() for v in faulty["meta"]["new_id"]]
     expected = {r: f for r, f in faulty["info"]["faults"].items() if f != "missing_label"}
     rej = faulty["rejected"]
-    assert list(rej.columns) == ["row", "id", "reason"]
+    assert list(rej.columns) == ["row", "id", "reason", "duplicate_of"]
+    assert set(rej["duplicate_of"]) == {""}  # no repeated recording in this cohort
     assert dict(zip(rej["row"], rej["reason"])) == expected
     assert list(rej["row"]) == sorted(expected)
     assert list(rej["id"]) == [ids[r] for r in rej["row"]]
@@ -310,7 +312,8 @@ def test_rerun_skips_written_files_and_rewrites_only_the_csv(small, tmp_path, ca
     assert "4 records: 4 written (4 already there), 0 rejected" in capsys.readouterr().out
     assert {f: os.stat(npz / f).st_mtime_ns for f in stamps} == stamps
     assert not (npz / ".100001_1.npz.abcd1234.tmp").exists()
-    assert list(pd.read_csv(tmp_path / "labels.csv").columns) == ["ssoid", "left_arm_dbp"]
+    assert list(pd.read_csv(tmp_path / "labels.csv").columns) == ["ssoid", "left_arm_dbp",
+                                                                  "signal_digest"]
 
 
 def test_missing_output_folders_are_created(small, tmp_path):

@@ -2,6 +2,7 @@
 metrics recomputed from the CSVs, the subject split, determinism, kill-and-resume,
 and the one-line errors for bad input."""
 import json
+import math
 import os
 import signal
 import subprocess
@@ -91,6 +92,19 @@ def test_best_checkpoint_loads_weights_only_and_has_contract_keys(run):
     assert ckpt["y_min"][0] < ckpt["target_mean"][0] < ckpt["y_max"][0]
 
 
+def test_history_learning_rates_are_the_ones_each_epoch_trained_at(run):
+    # 36 train records, batch 8: 4 steps an epoch; 1 warm-up epoch (rate (k+1)/4 of the
+    # peak at step k), then cosine over the 8 steps left: 0.5 (1 + cos(pi (k - 4) / 8))
+    history = pd.read_csv(os.path.join(run, "history.csv"))
+    peak = 1e-3
+    factor = [(k + 1) / 4 if k < 4 else 0.5 * (1 + math.cos(math.pi * (k - 4) / 8))
+              for k in range(12)]
+    assert history["lr_head"].tolist() == pytest.approx([peak * factor[k] for k in (0, 4, 8)])
+    assert history["lr_head_last"].tolist() == pytest.approx([peak * factor[k] for k in (3, 7, 11)])
+    assert history["lr_head"].iloc[0] == pytest.approx(peak / 4)  # warm-up, not the peak
+    assert history["lr_head_last"].iloc[-1] > 0  # the last epoch trained, at a small rate
+
+
 def test_final_metrics_equal_recomputation_from_prediction_csvs(run):
     metrics = json.load(open(os.path.join(run, "final_metrics.json")))
     split = pd.read_csv(os.path.join(run, "split.csv"), dtype=str)
@@ -128,12 +142,19 @@ def test_same_seed_gives_same_split_and_metrics(run, cohort, tmp_path):
     assert a == b
 
 
-def test_kill_and_resume_ends_with_the_same_metrics(cohort, tmp_path):
+TIMING = ["seconds", "train_records_per_s"]
+
+
+def test_kill_and_resume_ends_with_the_same_numbers_with_loader_workers(cohort, tmp_path):
+    # DataLoader workers and dropout: the loaders draw from their own generators and every
+    # RNG state is restored, so the resumed run repeats the uninterrupted one bit for bit
+    # (same machine, same settings: the same kernels see the same batches)
+    workers = ("--epochs", "4", "--num_workers", "2", "--dropout", "0.3")
     straight = tmp_path / "straight"
-    train_bp.main(train_argv(cohort, straight, "--epochs", "4"))
+    train_bp.main(train_argv(cohort, straight, *workers))
     killed = tmp_path / "killed"
     argv = [sys.executable, os.path.join(ROOT, "train_bp.py"),
-            *train_argv(cohort, killed, "--epochs", "4")]
+            *train_argv(cohort, killed, *workers)]
     proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     history = killed / "history.csv"
     wait_for_epochs(proc, history, 2)
@@ -142,12 +163,25 @@ def test_kill_and_resume_ends_with_the_same_metrics(cohort, tmp_path):
     assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
     done = len(pd.read_csv(history))
     assert 2 <= done < 4
-    train_bp.main(train_argv(cohort, killed, "--epochs", "4", "--resume"))
+    train_bp.main(train_argv(cohort, killed, *workers, "--resume"))
     assert len(pd.read_csv(history)) == 4
+    pd.testing.assert_frame_equal(pd.read_csv(straight / "history.csv").drop(columns=TIMING),
+                                  pd.read_csv(history).drop(columns=TIMING), check_exact=True)
     a = json.load(open(straight / "final_metrics.json"))
     b = json.load(open(killed / "final_metrics.json"))
     assert a == b
     assert open(straight / "test_predictions.csv").read() == open(killed / "test_predictions.csv").read()
+
+
+def test_loader_workers_do_not_change_the_numbers(run, cohort, tmp_path):
+    # so --num_workers may change on --resume; the run fixture has --num_workers 0
+    two = tmp_path / "two"
+    train_bp.main(train_argv(cohort, two, "--num_workers", "2"))
+    pd.testing.assert_frame_equal(pd.read_csv(os.path.join(run, "history.csv")).drop(columns=TIMING),
+                                  pd.read_csv(two / "history.csv").drop(columns=TIMING),
+                                  check_exact=True)
+    assert open(os.path.join(run, "test_predictions.csv")).read() == \
+        (two / "test_predictions.csv").read_text()
 
 
 def test_cache_dir_gives_the_same_numbers_as_the_npz_files(run, cohort, tmp_path):

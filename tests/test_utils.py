@@ -129,3 +129,31 @@ def test_run_on_rank0_returns_the_result_or_raises_the_user_error():
 
     with pytest.raises(utils.UserError, match="bad input"):
         utils.run_on_rank0(fail, utils.DistInfo())
+
+
+def test_folds_deal_every_subject_once_and_test_each_fold_once():
+    subjects = [f"s{i:02d}" for i in range(23)] * 2  # records: each subject twice
+    folds = utils.subject_folds(subjects, 5, seed=3)
+    assert sorted(folds) == sorted(set(subjects))
+    sizes = np.bincount(list(folds.values()))
+    assert sizes.tolist() == [5, 5, 5, 4, 4]
+    assert utils.subject_folds(list(reversed(subjects)), 5, seed=3) == folds  # row order
+    assert utils.subject_folds(subjects, 5, seed=4) != folds
+    tested = []
+    for k in range(5):
+        split = utils.split_by_fold(subjects, 5, k, 0.1, seed=3)
+        test = sorted(s for s, name in split.items() if name == "test")
+        assert test == sorted(s for s, f in folds.items() if f == k)
+        assert sum(name == "val" for name in split.values()) == round(0.1 * (23 - len(test)))
+        tested += test
+    assert sorted(tested) == sorted(set(subjects))  # out of fold exactly once
+
+
+@pytest.mark.parametrize("folds, fold, val, fragment", [
+    (1, 0, 0.1, "--folds must be at least 2"), (5, 5, 0.1, "--fold must be in [0, 4]"),
+    (30, 0, 0.1, "too few subjects (23) for --folds 30"), (5, 0, 0.0, "--val_ratio must be in (0, 1)"),
+])
+def test_bad_fold_settings_are_user_errors(folds, fold, val, fragment):
+    with pytest.raises(utils.UserError) as err:
+        utils.split_by_fold([f"s{i}" for i in range(23)], folds, fold, val, seed=0)
+    assert fragment in str(err.value)

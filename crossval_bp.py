@@ -1,0 +1,223 @@
+"""Subject-wise K-fold cross-validation: train_bp.py once per fold, then the pooled
+out-of-fold predictions and metrics.
+
+    python crossval_bp.py --folds 5 --out_dir runs/cv1 \\
+        --npz_dir data/npz --labels_csv data/labels.csv --target_cols right_arm_sbp right_arm_dbp \\
+        --arch small --epochs 30 [any other train_bp.py flag]
+
+Subjects are dealt into ``--folds`` folds from ``--seed`` (``utils.subject_folds``); fold i
+is the test split of the run in ``OUT/fold_<i>/`` (a complete train_bp.py out_dir, trained
+with ``--folds K --fold i``), its validation subjects drawn from the other folds by
+``--val_ratio``. Every record is therefore predicted once, by the one model that never saw
+its subject. Then rank 0 writes:
+
+- ``OUT/cv_predictions.csv``: ``ssoid``, ``fold``, then ``<target>_true``, ``<target>_pred``
+  per target; every used record once, fold by fold;
+- ``OUT/cv_metrics.json``: ``per_fold`` (each fold's test block of final_metrics.json),
+  ``across_folds`` (mean and SD over the folds of each target's MAE and of the mean MAE),
+  and ``pooled``: the fields of a final_metrics.json split block over all out-of-fold
+  predictions (subject-bootstrap intervals, MASE), with the train-mean baseline of each
+  record's own fold, with ``--covariates`` the ridge baseline fitted on each fold's train
+  split and the paired model-minus-ridge interval, and the one-point ``calibrated`` block;
+- ``OUT/plots/out-of-fold_scatter.png`` and ``out-of-fold_bland_altman.png``.
+
+Killed? Run the same command again: finished folds (with final_metrics.json) are kept,
+a fold with bp_last.pth resumes, and the pooling runs at the end. A finished fold made with
+other settings is refused. Under ``torchrun`` every fold trains with DDP like any run.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import pandas as pd
+
+import dataset
+import metrics
+import plot_results
+import train_bp
+import utils
+from utils import UserError
+
+MANAGED = ("--folds", "--fold", "--out_dir", "--resume", "--overwrite")
+
+
+def get_args_parser() -> utils.ArgumentParser:
+    # no abbreviations: --fold (train_bp.py's, refused here) must not read as --folds
+    p = utils.ArgumentParser(
+        description=__doc__.split("\n\n")[0], allow_abbrev=False,
+        epilog="Every other flag is passed to train_bp.py (see python train_bp.py --help); "
+               "--fold, --resume and --overwrite are set per fold by this script.")
+    p.add_argument("--folds", type=int, required=True,
+                   help="number of subject-wise folds (5 or 10 are usual)")
+    p.add_argument("--out_dir", required=True,
+                   help="folder of the fold runs (fold_<i>/) and the pooled results")
+    return p
+
+
+def parse_args(argv: Optional[Sequence[str]]) -> Tuple[object, List[str]]:
+    args, train_argv = get_args_parser().parse_known_args(argv)
+    taken = [a for a in train_argv if a.split("=")[0] in MANAGED]
+    if taken:
+        raise UserError(f"{taken[0].split('=')[0]} is set by crossval_bp.py for each fold; "
+                        f"leave it out")
+    if args.folds < 2:
+        raise UserError(f"--folds must be at least 2, got {args.folds}")
+    return args, train_argv
+
+
+# ----------------------------------------------------------------------------- folds
+def fold_dir(out_dir: str, fold: int) -> str:
+    return os.path.join(out_dir, f"fold_{fold}")
+
+
+def fold_argv(train_argv: List[str], out_dir: str, folds: int, fold: int) -> List[str]:
+    """train_bp.py's arguments for one fold: --resume after a kill, --overwrite when a
+    kill came before the first checkpoint."""
+    out = fold_dir(out_dir, fold)
+    argv = [*train_argv, "--folds", str(folds), "--fold", str(fold), "--out_dir", out]
+    if os.path.isfile(os.path.join(out, "bp_last.pth")):
+        return argv + ["--resume"]
+    if os.path.isdir(out) and os.listdir(out):
+        return argv + ["--overwrite"]
+    return argv
+
+
+def check_finished_fold(argv: List[str], out: str) -> None:
+    """A finished fold is kept only when it was trained with these settings."""
+    with open(os.path.join(out, "args.json"), encoding="utf-8") as fh:
+        saved = json.load(fh)
+    args = train_bp.parse_args(argv)
+    changed = [k for k, v in vars(args).items() if k not in train_bp.RESUMABLE_CHANGES
+               and k in saved and saved[k] != v]
+    if changed:
+        raise UserError(f"{out} is a finished fold trained with other settings (--{changed[0]} "
+                        f"{saved[changed[0]]!r}, now {getattr(args, changed[0])!r}); use a new "
+                        f"--out_dir")
+
+
+def run_folds(args, train_argv: List[str]) -> None:
+    for fold in range(args.folds):
+        argv = fold_argv(train_argv, args.out_dir, args.folds, fold)
+        out = fold_dir(args.out_dir, fold)
+        print(f"\n=== fold {fold + 1}/{args.folds}: {out}", flush=True)
+        if os.path.isfile(os.path.join(out, "final_metrics.json")):
+            check_finished_fold(argv, out)
+            print("finished earlier: kept")
+            continue
+        train_bp.main(argv)
+
+
+# ----------------------------------------------------------------------------- pooling
+def fold_frame(out: str, fold: int, labels: pd.DataFrame, target_cols: Sequence[str],
+               ckpt: dict) -> pd.DataFrame:
+    """One fold's test predictions with their subject, fold, train-mean baseline and
+    (with covariates) ridge baseline predictions."""
+    pred = pd.read_csv(os.path.join(out, "test_predictions.csv"), dtype={"ssoid": str})
+    split = pd.read_csv(os.path.join(out, "split.csv"), dtype=str)
+    rows = labels.merge(split, on="ssoid", suffixes=("_labels", ""))
+    ridge = train_bp.covariate_ridge(rows, target_cols, ckpt)
+    test = rows.set_index("ssoid").loc[pred["ssoid"]]
+    frame = pred.assign(fold=fold, subject=test["subject_id"].to_numpy())
+    for k, col in enumerate(target_cols):
+        frame[f"{col}_base"] = ckpt["target_mean"][k]
+    if ridge is not None:
+        ridge_pred = ridge(dataset.encode_covariates(test, ckpt["covariates"])[0])
+        for k, col in enumerate(target_cols):
+            frame[f"{col}_ridge"] = ridge_pred[:, k]
+    return frame
+
+
+def pooled_block(frame: pd.DataFrame, target_cols: Sequence[str],
+                 calibration_order: Optional[str], labels: pd.DataFrame) -> dict:
+    """The final_metrics.json split block over every out-of-fold prediction."""
+    cols = list(target_cols)
+    t = frame[[f"{c}_true" for c in cols]].to_numpy(np.float64)
+    p = frame[[f"{c}_pred" for c in cols]].to_numpy(np.float64)
+    subjects = frame["subject"].to_numpy()
+    ridge = None
+    if f"{cols[0]}_ridge" in frame:
+        ridge = frame[[f"{c}_ridge" for c in cols]].to_numpy(np.float64)
+    block = metrics.split_metrics(t, p, subjects, cols,
+                                  frame[[f"{c}_base" for c in cols]].to_numpy(np.float64),
+                                  covariate_pred=ridge)
+    order = (labels.set_index("ssoid").loc[frame["ssoid"], calibration_order].to_numpy()
+             if calibration_order else frame["ssoid"].to_numpy())
+    calibrated = metrics.calibrated_block(t, p, subjects, order, cols)
+    if calibrated is not None:
+        block["calibrated"] = {"order": calibration_order or "ssoid", **calibrated}
+    return block
+
+
+def across_folds(per_fold: Dict[str, dict], target_cols: Sequence[str]) -> dict:
+    """Mean and SD (ddof=1) over the folds of each target's test MAE and of the mean MAE."""
+    def summary(values: List[float]) -> dict:
+        return {"mae_mean": float(np.mean(values)), "mae_sd": float(np.std(values, ddof=1))}
+
+    blocks = list(per_fold.values())
+    return {"per_target": {c: summary([b["per_target"][c]["mae"] for b in blocks])
+                           for c in target_cols},
+            "mean": summary([b["mean"]["mae"] for b in blocks])}
+
+
+def pool(args, train_argv: List[str]) -> dict:
+    """cv_predictions.csv, cv_metrics.json and the pooled plots, from the fold runs."""
+    fold_args = train_bp.parse_args(fold_argv(train_argv, args.out_dir, args.folds, 0))
+    target_cols = list(fold_args.target_cols)
+    labels = dataset.read_labels(fold_args.labels_csv, target_cols)
+    frames, per_fold = [], {}
+    for fold in range(args.folds):
+        out = fold_dir(args.out_dir, fold)
+        ckpt = utils.load_checkpoint(os.path.join(out, "bp_best.pth"))
+        frames.append(fold_frame(out, fold, labels, target_cols, ckpt))
+        with open(os.path.join(out, "final_metrics.json"), encoding="utf-8") as fh:
+            per_fold[str(fold)] = json.load(fh)["test"]
+    frame = pd.concat(frames, ignore_index=True)
+    columns = ["ssoid", "fold"] + [f"{c}_{k}" for c in target_cols for k in ("true", "pred")]
+    utils.write_csv_atomic(os.path.join(args.out_dir, "cv_predictions.csv"), frame[columns])
+    report = {"target_cols": target_cols, "folds": args.folds, "seed": fold_args.seed,
+              "per_fold": per_fold, "across_folds": across_folds(per_fold, target_cols),
+              "pooled": pooled_block(frame, target_cols, fold_args.calibration_order, labels)}
+    utils.write_json_atomic(os.path.join(args.out_dir, "cv_metrics.json"), report)
+    plot_dir = os.path.join(args.out_dir, "plots")
+    os.makedirs(plot_dir, exist_ok=True)
+    plot_results.plot_split(plot_dir, "out-of-fold", target_cols,
+                            frame[[f"{c}_true" for c in target_cols]].to_numpy(np.float64),
+                            frame[[f"{c}_pred" for c in target_cols]].to_numpy(np.float64),
+                            report["pooled"], ["png"])
+    return report
+
+
+def print_summary(report: dict, out_dir: str) -> None:
+    pooled, across = report["pooled"], report["across_folds"]
+    cov = pooled.get("covariate_baseline")
+    print(f"\npooled out-of-fold test metrics over {report['folds']} folds "
+          f"({pooled['n_records']} records of {pooled['n_subjects']} subjects), mmHg:")
+    print(f"{'target':<16}{'MAE':>8}{'95% CI':>16}{'fold SD':>9}{'mean-MAE':>10}"
+          + (f"{'ridge-MAE':>11}{'MAE - ridge [95% CI]':>28}" if cov else ""))
+    for c in report["target_cols"]:
+        m = pooled["per_target"][c]
+        lo, hi = m["mae_ci95"]
+        line = (f"{c:<16}{m['mae']:8.2f}{f'[{lo:.2f}, {hi:.2f}]':>16}"
+                f"{across['per_target'][c]['mae_sd']:9.2f}"
+                f"{pooled['baseline']['per_target'][c]['mae']:10.2f}")
+        if cov:
+            r = cov["per_target"][c]
+            dlo, dhi = r["model_mae_diff_ci95"]
+            line += f"{r['mae']:11.2f}{r['model_mae_diff']:+12.2f} [{dlo:+.2f}, {dhi:+.2f}]"
+        print(line)
+    print(f"outputs in {out_dir}: cv_predictions.csv, cv_metrics.json, plots/, fold_<i>/")
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    args, train_argv = parse_args(argv)
+    train_bp.parse_args(fold_argv(train_argv, args.out_dir, args.folds, 0))  # fail early
+    run_folds(args, train_argv)
+    if utils.dist_env().is_main:
+        print_summary(pool(args, train_argv), args.out_dir)
+
+
+if __name__ == "__main__":
+    raise SystemExit(utils.run_cli(main))

@@ -1,0 +1,103 @@
+"""prepare_kailuan_npz.py --features (physio.py's columns in the labels CSV) against the
+synthetic cohort's truth and real ICU windows, and the features as covariates in training
+and in predict_bp.py --h5_path."""
+import os
+
+import h5py
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import physio
+import predict_bp
+import prepare_kailuan_npz as prep
+import train_bp
+from conftest import DATA, MMHG_ATOL, prepared_cohort
+from utils import run_cli
+
+TARGETS = ["right_arm_sbp", "right_arm_dbp"]
+
+
+def prep_argv(h5, out, *extra, targets=TARGETS, seq=7500):
+    return ["--h5_path", str(h5), "--target_cols", *targets, "--output_npz", str(out / "npz"),
+            "--output_csv", str(out / "labels.csv"), "--target_seq_len", str(seq),
+            "--workers", "1", *extra]
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory):
+    base = tmp_path_factory.mktemp("features")
+    plain = prepared_cohort(base, 15, 3, 11, TARGETS, 400, extra_cols=("age", "sex"))
+    out = base / "with_features"
+    prep.main(prep_argv(plain["h5"], out, "--extra_cols", "age", "sex", "--features",
+                        "--record_seconds", "15", seq=3000))
+    return {**plain, "npz": str(out / "npz"), "labels": str(out / "labels.csv")}
+
+
+def test_feature_columns_follow_the_extras_and_match_the_truth(cohort):
+    labels = pd.read_csv(cohort["labels"])
+    assert list(labels.columns) == (["ssoid", *TARGETS, "age", "sex"] + physio.FEATURE_COLUMNS
+                                    + ["signal_digest"])
+    with h5py.File(cohort["h5"], "r") as f:
+        ids = [i.decode() for i in f["metadata/new_id"][:]]
+        truth = pd.DataFrame({"hr": f["truth/hr_bpm"][:], "pat": f["truth/pat_ms"][:]},
+                             index=ids).loc[labels["ssoid"]]
+    assert np.corrcoef(labels["hr_bpm"], truth["hr"])[0, 1] >= 0.99
+    assert np.corrcoef(labels["pat_foot_ms"], truth["pat"])[0, 1] >= 0.95
+    # the tangent foot lies a fixed ~15 ms after the generator's onset (physio docstring)
+    offset = labels["pat_foot_ms"].to_numpy() - truth["pat"].to_numpy()
+    assert 5 < np.median(offset) < 25 and np.std(offset) < 5
+    assert (labels["n_beats_ecg"] >= 10).all() and (labels["sqi_ppg"] > 0.9).all()
+
+
+def test_icu_windows_heart_rate_and_pulse_arrival_time(tmp_path):
+    src = np.load(os.path.join(DATA, "abp_ecg_ppg_windows_10s.npz"))
+    h5 = tmp_path / "icu.h5"
+    with h5py.File(h5, "w") as f:
+        f["metadata/new_id"] = np.array([f"w_{i}".encode() for i in range(len(src["hr"]))])
+        f["metadata/sbp"], f["metadata/hr"] = src["sbp"], src["hr"]
+        f["signals/ecg"], f["signals/ppg"] = src["ecg"], src["ppg"]
+    # 10 s windows at 125 Hz, kept at 125 Hz: 1250 samples
+    prep.main(prep_argv(h5, tmp_path, "--extra_cols", "hr", "--features", "--record_seconds",
+                        "10", targets=["sbp"], seq=1250))
+    labels = pd.read_csv(tmp_path / "labels.csv")
+    assert len(labels) == 83  # the windows with PPG; the others are rejected as NaN
+    close = (labels["hr_bpm"] - labels["hr"]).abs() <= 5
+    assert close.mean() >= 0.9
+    pat = labels["pat_foot_ms"].dropna()
+    assert len(pat) >= 0.9 * len(labels) and pat.between(100, 600).all()
+
+
+def test_features_need_a_time_base(cohort, tmp_path, capsys):
+    assert run_cli(prep.main, prep_argv(cohort["h5"], tmp_path, "--features")) == 2
+    assert "--features needs the records' time span" in capsys.readouterr().err
+    assert not (tmp_path / "npz").exists()
+
+
+def test_training_takes_features_as_covariates_and_predict_computes_them(cohort, tmp_path):
+    labels = pd.read_csv(cohort["labels"], dtype={"ssoid": str})
+    blank = labels["ssoid"].iloc[[0, 7]]
+    labels.loc[labels["ssoid"].isin(blank), "pat_foot_ms"] = np.nan  # no detectable pairs
+    csv = tmp_path / "labels.csv"
+    labels.to_csv(csv, index=False)
+    run = tmp_path / "run"
+    train_bp.main(["--npz_dir", cohort["npz"], "--labels_csv", str(csv), "--out_dir", str(run),
+                   "--target_cols", *TARGETS, "--arch", "tiny", "--epochs", "2",
+                   "--batch_size", "8", "--num_workers", "0", "--covariates", "age",
+                   "pat_foot_ms", "hr_bpm"])
+    ckpt = torch.load(run / "bp_best.pth", weights_only=True)
+    pat = next(s for s in ckpt["covariates"] if s["name"] == "pat_foot_ms")
+    split = pd.read_csv(run / "split.csv", dtype=str).set_index("ssoid")
+    assert pat["missing_indicator"] == (split.loc[blank, "split"] == "train").any()
+    assert ckpt["sample_rate_hz"] == 200.0
+    # the HDF5 rows through the same time base and the same feature code
+    out = tmp_path / "h5.csv"
+    predict_bp.main(["--checkpoint", str(run / "bp_best.pth"), "--h5_path", cohort["h5"],
+                     "--output", str(out), "--record_seconds", "15"])
+    ours = pd.read_csv(out, dtype={"ssoid": str}).set_index("ssoid")
+    test = pd.read_csv(run / "test_predictions.csv", dtype={"ssoid": str}).set_index("ssoid")
+    kept = [s for s in test.index if s not in set(blank)]
+    for t in TARGETS:
+        np.testing.assert_allclose(ours.loc[kept, f"{t}_pred"], test.loc[kept, f"{t}_pred"],
+                                   rtol=0, atol=MMHG_ATOL)
