@@ -65,6 +65,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -279,6 +280,9 @@ class BPModelConfig:
     ``net1d`` is filled from ``ARCHS[arch]`` at build time so that a checkpoint rebuilds
     even if the named config changes later. ``fusion`` is ``"none"`` for one modality.
     ``fusion_channels`` (mid fusion's width) 0 means min(256, encoder width).
+    ``covariate_offset``: the output adds a fixed linear function of the covariates (the
+    train-fitted ridge regression, ``BPModel.set_covariate_offset``), so the network learns
+    the residual and, its last layer starting at zero, starts as that ridge.
     """
     arch: str = "ecgfounder"
     modality: str = "both"
@@ -290,6 +294,7 @@ class BPModelConfig:
     n_covariates: int = 0
     fusion_channels: int = 0
     net1d: Optional[dict] = None
+    covariate_offset: bool = False
 
 
 def _choice(value: str, choices: Sequence[str], what: str) -> str:
@@ -315,6 +320,8 @@ def normalise_config(cfg: Union[BPModelConfig, Mapping]) -> BPModelConfig:
     fusion = _choice(cfg.fusion, FUSIONS, "--fusion") if cfg.modality == "both" else "none"
     if cfg.modality == "none" and cfg.n_covariates < 1:
         raise UserError("--modality none is a covariates-only model: give --covariates")
+    if cfg.covariate_offset and cfg.n_covariates < 1:
+        raise UserError("a covariate offset (the ridge floor) needs covariates")
     if cfg.net1d is None:
         net1d = dataclasses.asdict(ARCHS[_choice(cfg.arch, tuple(ARCHS), "--arch")])
     else:
@@ -418,6 +425,9 @@ class BPModel(nn.Module):
         # NaN until set_bounds (or a checkpoint) provides them; checked on first use
         self.register_buffer("y_lo", torch.full((cfg.n_targets,), math.nan))
         self.register_buffer("y_hi", torch.full((cfg.n_targets,), math.nan))
+        if cfg.covariate_offset:  # zero until set_covariate_offset (or a checkpoint)
+            self.register_buffer("offset_weight", torch.zeros(cfg.n_targets, cfg.n_covariates))
+            self.register_buffer("offset_bias", torch.zeros(cfg.n_targets))
         self._bounds_ok = False
         self._frozen = False
         self.partly_new = {f"encoders.both.{WIDENED_KEY}"} if cfg.fusion == "early" else set()
@@ -439,6 +449,12 @@ class BPModel(nn.Module):
         self.y_lo.copy_(lo_t)
         self.y_hi.copy_(hi_t)
         self._bounds_ok = True
+
+    def set_covariate_offset(self, weight: np.ndarray, bias: np.ndarray) -> None:
+        """The fixed linear function of the covariates added to the output, (T, K) and
+        (T,), in normalised target units (``covariate_offset`` configs only)."""
+        self.offset_weight.copy_(torch.as_tensor(np.asarray(weight), dtype=torch.float32))
+        self.offset_bias.copy_(torch.as_tensor(np.asarray(bias), dtype=torch.float32))
 
     def is_pretrained(self, name: str) -> bool:
         """Whether parameter ``name`` is loaded unchanged from a pre-trained file."""
@@ -484,6 +500,9 @@ class BPModel(nn.Module):
             raise ValueError(f"the model takes {self.config.n_covariates} covariates; "
                              f"cov is {'missing' if cov is None else 'unexpected'}")
         raw = self.head(self.pooled_features(x), cov).float()
+        if self.config.covariate_offset:
+            with torch.autocast(raw.device.type, enabled=False):  # the ridge, in float32
+                raw = raw + F.linear(cov.float(), self.offset_weight, self.offset_bias)
         return bound_output(raw, *self._bounds(), self.config.constrain)
 
     def _bounds(self) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -522,7 +541,8 @@ def param_groups(model: BPModel, lr_backbone: float, lr_head: float,
 # ----------------------------------------------------------------------------- pre-trained
 _CONTAINERS = ("state_dict", "model", "model_state_dict")
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
-_BOUND_KEYS = ("y_lo", "y_hi")
+# set by each run from its own training data, never taken from a pre-trained head
+_RUN_KEYS = ("y_lo", "y_hi", "offset_weight", "offset_bias")
 
 
 def _state_dict_of(obj, path: str) -> Tuple[str, Dict[str, torch.Tensor]]:
@@ -658,9 +678,9 @@ def _load_head(model: BPModel, ckpt, rest: dict, target_cols: Optional[Sequence[
     """Load the non-encoder tensors of a project checkpoint when they fit, re-expressed
     in this run's ``stats`` (``target_mean``, ``target_std``, ``covariates`` encoding);
     otherwise say why not."""
-    head = {k: v for k, v in rest.items() if k not in _BOUND_KEYS}
+    head = {k: v for k, v in rest.items() if k not in _RUN_KEYS}
     own = {k: v for k, v in model.state_dict().items()
-           if not k.startswith("encoders.") and k not in _BOUND_KEYS}
+           if not k.startswith("encoders.") and k not in _RUN_KEYS}
     file_cols = ckpt.get("target_cols") if isinstance(ckpt, Mapping) else None
     if not head:
         return {"loaded": 0, "reason": "the file has no head"}
@@ -669,6 +689,10 @@ def _load_head(model: BPModel, ckpt, rest: dict, target_cols: Optional[Sequence[
                                        f"now {None if target_cols is None else list(target_cols)})"}
     mismatch = _encoding_mismatch(ckpt.get("covariates", []),
                                   stats["covariates"] if stats else [])
+    file_offset = bool(ckpt.get("model_config", {}).get("covariate_offset", False))
+    if not mismatch and file_offset != model.config.covariate_offset:
+        mismatch = (f"the file's head {'adds' if file_offset else 'does not add'} the ridge "
+                    f"offset and this model's {'does not' if file_offset else 'does'}")
     if mismatch:
         return {"loaded": 0, "reason": mismatch}
     if head.keys() != own.keys() or any(head[k].shape != own[k].shape for k in own):

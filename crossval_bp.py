@@ -116,11 +116,10 @@ def fold_frame(out: str, fold: int, labels: pd.DataFrame, target_cols: Sequence[
     """One fold's test predictions with their subject, fold, train-mean baseline and
     (with covariates) ridge baseline predictions."""
     pred = pd.read_csv(os.path.join(out, "test_predictions.csv"), dtype={"ssoid": str})
-    split = pd.read_csv(os.path.join(out, "split.csv"), dtype=str)
-    rows = labels.merge(split, on="ssoid", suffixes=("_labels", ""))
-    ridge = train_bp.covariate_ridge(rows, target_cols, ckpt)
-    test = rows.set_index("ssoid").loc[pred["ssoid"]]
-    frame = pred.assign(fold=fold, subject=test["subject_id"].to_numpy())
+    split = pd.read_csv(os.path.join(out, "split.csv"), dtype=str).set_index("ssoid")
+    ridge = train_bp.ridge_of(ckpt)
+    test = labels.drop_duplicates("ssoid").set_index("ssoid").loc[pred["ssoid"]]
+    frame = pred.assign(fold=fold, subject=split.loc[pred["ssoid"], "subject_id"].to_numpy())
     for k, col in enumerate(target_cols):
         frame[f"{col}_base"] = ckpt["target_mean"][k]
     if ridge is not None:

@@ -29,14 +29,15 @@ import os
 import zipfile
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import pandas as pd
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from utils import UserError, atomic_path, progress, write_json_atomic
+import physio
+from utils import NPZ_CHANNELS, UserError, atomic_path, progress, write_json_atomic
 
 SKIPPED_COLUMNS = ["ssoid", "path", "reason"]
 
@@ -225,30 +226,34 @@ def load_x(path: str) -> np.ndarray:
         return data["x"]
 
 
-def _inspect(path: str) -> Tuple[Optional[int], str]:
-    """(length, "") for a good record, (None, reason) for a bad one."""
+def _inspect(path: str, columns: Sequence[int] = (0, 1)) -> Tuple[Optional[int], str]:
+    """(length, "") for a good record, (None, reason) for a bad one; only ``columns`` (the
+    signals the folder holds) must be finite: a signal the cohort lacks is all NaN."""
     try:
         x = load_x(path)
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
         return None, f"unreadable ({type(exc).__name__})"
     if x.ndim != 2 or x.shape[1] != 2 or x.shape[0] < 2:
         return None, f"shape {tuple(x.shape)} is not (L, 2)"
-    if not np.isfinite(x).all():
+    if not np.isfinite(x[:, list(columns)]).all():
         return None, "non-finite values"
     return int(x.shape[0]), ""
 
 
-def check_records(ids: Sequence[str], npz_dir: str,
-                  workers: int = 4) -> Tuple[List[str], int, pd.DataFrame]:
+def check_records(ids: Sequence[str], npz_dir: str, workers: int = 4,
+                  channels: Sequence[str] = NPZ_CHANNELS) -> Tuple[List[str], int, pd.DataFrame]:
     """Open every record once: (good ids, their common length L, skipped table).
 
     Records whose length differs from the most common one are skipped as well,
-    since a batch needs one length.
+    since a batch needs one length. ``channels``: the signals the folder holds
+    (``utils.npz_channels``); the column of a signal not among them is not checked (prep
+    leaves it all NaN).
     """
     paths = [npz_path(npz_dir, s) for s in ids]
+    columns = [NPZ_CHANNELS.index(c) for c in channels]
     with ThreadPoolExecutor(max(1, workers)) as pool:  # zlib and file reads release the GIL
-        results = list(progress(pool.map(_inspect, paths), total=len(paths),
-                                desc="checking npz", unit="rec", leave=False))
+        results = list(progress(pool.map(lambda p: _inspect(p, columns), paths),
+                                total=len(paths), desc="checking npz", unit="rec", leave=False))
     lengths = Counter(n for n, _ in results if n is not None)
     length = lengths.most_common(1)[0][0] if lengths else 0
     good, skipped = [], []
@@ -275,19 +280,103 @@ def zscore(x: np.ndarray, eps: float = 1e-6) -> np.ndarray:
     return (x - mean.astype(np.float32)) * scale
 
 
-def model_input(x: np.ndarray, channels: Sequence[int], normalize: bool) -> np.ndarray:
+FILTERS = ("none", "ecgfounder")
+
+
+def model_input(x: np.ndarray, channels: Sequence[int], normalize: bool,
+                conditioning: Optional[Mapping] = None) -> np.ndarray:
     """One (L, 2) record as the model reads it: (C, L) float32 of the chosen channels,
-    each z-scored unless ``normalize`` is off."""
+    band-passed as ``conditioning`` says (``filter``, ``fs``, ``mains_hz``; None or filter
+    ``none``: not at all), then each z-scored unless ``normalize`` is off.
+
+    ``ecgfounder`` conditioning is ECGFounder's pre-training preprocessing for the ECG
+    (0.67-40 Hz and a mains notch) and a 0.5-8 Hz band for the PPG (``physio.condition``).
+    """
     x = np.ascontiguousarray(np.asarray(x, dtype=np.float32)[:, list(channels)].T)
+    if conditioning and conditioning["filter"] != "none":
+        x = np.stack([physio.condition(row, conditioning["fs"], ("ecg", "ppg")[c],
+                                       conditioning["mains_hz"])
+                      for row, c in zip(x, channels)]).astype(np.float32)
     return zscore(x) if normalize else x
 
 
+# ----------------------------------------------------------------------------- augmentation
+AUGMENTATIONS = ("shift", "gain", "noise", "wander")
+MAX_SHIFT = 0.1        # share of the record a shift may drop from its start
+GAIN = (0.8, 1.25)     # per-channel amplitude factor, log-uniform
+NOISE_SD = 0.05        # white noise, in z-score units
+WANDER = (0.2, 0.5, 3.0)  # baseline wander: max amplitude (z units), 0.5-3 cycles a record
+
+
+class Augmenter:
+    """Training-time augmentation of z-scored model inputs (C, L), the parts in
+    ``AUGMENTATIONS``:
+
+    - ``shift``: drop the first k samples, k uniform in [0, MAX_SHIFT x L], from every
+      channel alike and pad the end with zeros (the z-scored mean): the ECG-to-PPG delay,
+      which carries BP, is untouched;
+    - ``gain``: multiply each channel by its own log-uniform factor in GAIN;
+    - ``wander``: add to each channel a sine of up to WANDER[0] with 0.5-3 cycles over
+      the record and a random phase (baseline drift, breathing);
+    - ``noise``: add white noise of SD NOISE_SD.
+
+    The draws of a record are a function of (seed, epoch, index) alone, so a killed and
+    resumed run, or another number of loader workers, augments identically.
+    """
+
+    def __init__(self, parts: Sequence[str], seed: int):
+        unknown = set(parts) - set(AUGMENTATIONS)
+        if unknown:
+            raise ValueError(f"unknown augmentation {sorted(unknown)}")
+        self.parts, self.seed = set(parts), seed
+
+    def __call__(self, x: np.ndarray, index: int, epoch: int) -> np.ndarray:
+        rng = np.random.default_rng([self.seed, epoch, index])
+        c, n = x.shape
+        if "shift" in self.parts:
+            k = int(rng.integers(0, int(MAX_SHIFT * n) + 1))
+            x = np.concatenate([x[:, k:], np.zeros((c, k), dtype=x.dtype)], axis=1)
+        if "gain" in self.parts:
+            x = x * np.exp(rng.uniform(np.log(GAIN[0]), np.log(GAIN[1]), (c, 1)))
+        if "wander" in self.parts:
+            cycles = rng.uniform(WANDER[1], WANDER[2], (c, 1)) * np.arange(n) / n
+            x = x + rng.uniform(0, WANDER[0], (c, 1)) * np.sin(
+                2 * np.pi * (cycles + rng.uniform(0, 1, (c, 1))))
+        if "noise" in self.parts:
+            x = x + rng.normal(0.0, NOISE_SD, x.shape)
+        return np.ascontiguousarray(x, dtype=np.float32)
+
+
+class EpochSampler(Sampler):
+    """A training sampler's indices tagged with the epoch, ``(index, epoch)``, so that the
+    dataset (also a copy in a persistent worker) knows the epoch of each draw."""
+
+    def __init__(self, sampler: Sampler):
+        self.sampler, self.epoch = sampler, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.sampler.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __iter__(self):
+        return ((i, self.epoch) for i in self.sampler)
+
+
+def _key(key) -> Tuple[int, Optional[int]]:
+    """A sampler key as (index, epoch); a plain index (evaluation) has no epoch."""
+    return (int(key[0]), int(key[1])) if isinstance(key, tuple) else (int(key), None)
+
+
 # ----------------------------------------------------------------------------- cache
-CACHE_FORMAT = "model-input-v2"  # (N, 2, L) float32 of model_input(x, (0, 1), normalize)
+CACHE_FORMAT = "model-input-v2"  # (N, 2, L) float32 of model_input(x, (0, 1), ...)
 
 
-def _cache_key(paths: Sequence[str], normalize: bool) -> str:
-    digest = hashlib.sha256(f"{CACHE_FORMAT}|zscore={normalize}\n".encode())
+def _cache_key(paths: Sequence[str], normalize: bool, conditioning: Optional[Mapping]) -> str:
+    digest = hashlib.sha256(f"{CACHE_FORMAT}|zscore={normalize}|"
+                            f"{sorted((conditioning or {}).items())}\n".encode())
     for p in paths:
         st = os.stat(p)
         digest.update(f"{os.path.abspath(p)}|{st.st_size}|{st.st_mtime_ns}\n".encode())
@@ -295,15 +384,16 @@ def _cache_key(paths: Sequence[str], normalize: bool) -> str:
 
 
 def open_cache(cache_dir: str, paths: Sequence[str], length: int,
-               normalize: bool = True) -> np.memmap:
+               normalize: bool = True, conditioning: Optional[Mapping] = None) -> np.memmap:
     """A read-only (N, 2, L) float32 memmap of ``model_input`` of ``paths``, in order,
     built on first use.
 
-    The file name carries a hash of the format, ``normalize``, the paths, sizes and
-    modification times, so a changed record set gets a new cache instead of stale data.
+    The file name carries a hash of the format, ``normalize``, ``conditioning``, the paths,
+    sizes and modification times, so a changed record set gets a new cache instead of stale
+    data.
     """
     os.makedirs(cache_dir, exist_ok=True)
-    key = _cache_key(paths, normalize)
+    key = _cache_key(paths, normalize, conditioning)
     data_path = os.path.join(cache_dir, f"records_{key}.npy")
     meta_path = os.path.join(cache_dir, f"records_{key}.json")
     shape = (len(paths), 2, length)
@@ -312,10 +402,11 @@ def open_cache(cache_dir: str, paths: Sequence[str], length: int,
             out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=shape)
             for i, p in enumerate(progress(paths, desc="building cache", unit="rec",
                                            leave=False)):
-                out[i] = model_input(load_x(p), (0, 1), normalize)
+                out[i] = model_input(load_x(p), (0, 1), normalize, conditioning)
             out.flush()
             del out
         write_json_atomic(meta_path, {"format": CACHE_FORMAT, "zscore": normalize,
+                                      "conditioning": conditioning,
                                       "n": len(paths), "length": length,
                                       "paths": [os.path.abspath(p) for p in paths]})
     cache = np.load(data_path, mmap_mode="r")
@@ -341,7 +432,9 @@ class BPDataset(Dataset):
 
     def __init__(self, ids: Sequence[str], npz_dir: str, targets: np.ndarray,
                  channels: Sequence[int], normalize: bool = True,
-                 covariates: Optional[np.ndarray] = None):
+                 covariates: Optional[np.ndarray] = None,
+                 conditioning: Optional[Mapping] = None,
+                 augmenter: Optional[Augmenter] = None):
         covariates = _no_covariates(len(ids)) if covariates is None else covariates
         if not len(targets) == len(ids) == len(covariates):
             raise ValueError("ids, targets and covariates must have the same length")
@@ -351,14 +444,20 @@ class BPDataset(Dataset):
         self.covariates = np.asarray(covariates, dtype=np.float32)
         self.channels = list(channels)
         self.normalize = normalize
+        self.conditioning = conditioning
+        self.augmenter = augmenter
 
     def __len__(self) -> int:
         return len(self.ids)
 
-    def __getitem__(self, index: int):
+    def __getitem__(self, key):
+        index, epoch = _key(key)
         if self.channels:
             x = load_x(npz_path(self.npz_dir, self.ids[index]))
-            x = torch.from_numpy(model_input(x, self.channels, self.normalize))
+            x = model_input(x, self.channels, self.normalize, self.conditioning)
+            if self.augmenter is not None and epoch is not None:
+                x = self.augmenter(x, index, epoch)
+            x = torch.from_numpy(x)
         else:
             x = torch.zeros((0, 0))
         return (x, torch.from_numpy(self.covariates[index]),
@@ -375,7 +474,8 @@ class CachedBPDataset(Dataset):
 
     def __init__(self, ids: Sequence[str], cache: np.ndarray, rows: np.ndarray,
                  targets: np.ndarray, channels: Sequence[int],
-                 covariates: Optional[np.ndarray] = None):
+                 covariates: Optional[np.ndarray] = None,
+                 augmenter: Optional[Augmenter] = None):
         covariates = _no_covariates(len(ids)) if covariates is None else covariates
         if not len(ids) == len(rows) == len(targets) == len(covariates):
             raise ValueError("ids, rows, targets and covariates must have the same length")
@@ -385,17 +485,21 @@ class CachedBPDataset(Dataset):
         self.targets = torch.from_numpy(np.asarray(targets, dtype=np.float32))
         self.covariates = torch.from_numpy(np.asarray(covariates, dtype=np.float32))
         self.channels = list(channels)
+        self.augmenter = augmenter
 
     def __len__(self) -> int:
         return len(self.ids)
 
-    def __getitem__(self, index: int):
-        return tuple(part[0] for part in self.__getitems__([index]))
+    def __getitem__(self, key):
+        return tuple(part[0] for part in self.__getitems__([key]))
 
-    def __getitems__(self, indices: Sequence[int]):
-        indices = np.asarray(indices, dtype=np.int64)
+    def __getitems__(self, keys: Sequence):
+        keys = [_key(k) for k in keys]
+        indices = np.array([i for i, _ in keys], dtype=np.int64)
         # one advanced index picks rows and channels in a single copy (B, C, L)
         x = self.cache[self.rows[indices][:, None], self.channels]
+        if self.augmenter is not None and keys and keys[0][1] is not None:
+            x = np.stack([self.augmenter(r, i, e) for r, (i, e) in zip(x, keys)])
         return (torch.from_numpy(x), self.covariates[indices], self.targets[indices],
                 [self.ids[i] for i in indices])
 

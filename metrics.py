@@ -30,7 +30,7 @@ any clinical resolution absorbs float rounding (128.3 - 123.3 is 5.0000000000000
 """
 from __future__ import annotations
 
-from typing import Dict, Optional, Sequence
+from typing import Dict, NamedTuple, Optional, Sequence
 
 import numpy as np
 
@@ -179,19 +179,27 @@ def bootstrap_mae_ci(abs_errors: np.ndarray, subjects: Sequence, n_boot: int = N
 
 
 # ----------------------------------------------------------------------------- ridge
-def fit_ridge(x: np.ndarray, y: np.ndarray, alpha: float = RIDGE_ALPHA):
+class Ridge(NamedTuple):
+    """A fitted ridge regression: ``ridge(x)`` = x @ coef + intercept, (M, K) -> (M, T)."""
+    coef: np.ndarray  # (K, T)
+    intercept: np.ndarray  # (T,)
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        return np.asarray(x, dtype=np.float64) @ self.coef + self.intercept
+
+
+def fit_ridge(x: np.ndarray, y: np.ndarray, alpha: float = RIDGE_ALPHA) -> Ridge:
     """Closed-form ridge regression of every column of ``y`` (N, T) on ``x`` (N, K).
 
     Minimises ||y - x b - c||^2 + alpha ||b||^2 per target, the intercept c unpenalised
-    (x and y are centred first). Returns a function mapping (M, K) inputs to (M, T).
+    (x and y are centred first).
     """
     x = np.asarray(x, dtype=np.float64)
     y = np.asarray(y, dtype=np.float64)
     x_mean, y_mean = x.mean(axis=0), y.mean(axis=0)
     xc = x - x_mean
     coef = np.linalg.solve(xc.T @ xc + alpha * np.eye(x.shape[1]), xc.T @ (y - y_mean))
-    intercept = y_mean - x_mean @ coef
-    return lambda new: np.asarray(new, dtype=np.float64) @ coef + intercept
+    return Ridge(coef, y_mean - x_mean @ coef)
 
 
 # ----------------------------------------------------------------------------- split block

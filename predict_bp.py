@@ -20,6 +20,10 @@ A model trained with ``--covariates`` reads them, encoded as in training (the ch
 holds the encoding), from ``--labels_csv`` with ``--npz_dir`` and from the HDF5 metadata
 with ``--h5_path``; without them it stops with an error. A record missing from the CSV is
 skipped; a missing value or a category unseen in training is filled as in training.
+
+A cohort without ECG (or without PPG): an npz folder prepared with ``--ecg_key none``, or
+``--h5_path`` with ``--ecg_key none``; a model whose modality reads the missing signal is
+refused with one line.
 """
 from __future__ import annotations
 
@@ -160,7 +164,9 @@ def npz_batches(args, ckpt: dict, skipped: list, filled: Counter,
     ids = sorted(f[:-4] for f in os.listdir(args.npz_dir) if f.endswith(".npz"))
     if not ids:
         raise UserError(f"--npz_dir {args.npz_dir} holds no .npz files")
-    good, length, bad = dataset.check_records(ids, args.npz_dir)
+    channels = utils.npz_channels(args.npz_dir)
+    check_channels(args, ckpt, channels, f"--npz_dir {args.npz_dir} holds")
+    good, length, bad = dataset.check_records(ids, args.npz_dir, channels=channels)
     skipped += list(zip(bad["ssoid"], bad["reason"]))
     if good and length != ckpt["seq_len"]:
         raise UserError(f"--npz_dir {args.npz_dir}: records have {length} samples, the model "
@@ -176,9 +182,20 @@ def npz_batches(args, ckpt: dict, skipped: list, filled: Counter,
                                 ckpt["covariates"], filled)
     ds = dataset.BPDataset(good, args.npz_dir, np.zeros((len(good), 0)),
                            backbones.MODALITY_CHANNELS[ckpt["modality"]], ckpt["zscore"],
+                           conditioning=ckpt.get("conditioning"),
                            covariates=cov)
     loader = torch.utils.data.DataLoader(ds, batch_size=args.batch_size)
     return len(good), ((list(ids_), x, c) for x, c, _, ids_ in loader)
+
+
+def check_channels(args, ckpt: dict, present: Sequence[str], source: str) -> None:
+    """``UserError`` when the model reads a signal that the records lack (a cohort
+    prepared, or read, with --ecg_key none or --ppg_key none)."""
+    missing = utils.missing_channels(backbones.MODALITY_CHANNELS[ckpt["modality"]], present)
+    if missing:
+        raise UserError(f"the model in {args.checkpoint} (modality {ckpt['modality']}) needs "
+                        f"the {' and '.join(missing).upper()} signal, but {source} only "
+                        f"{', '.join(present).upper()}")
 
 
 def metadata_covariates(ckpt: dict) -> List[str]:
@@ -193,6 +210,9 @@ def h5_batches(args, ckpt: dict, skipped: list, filled: Counter,
     ``time_base``, and the physiological features that the model's covariates name computed
     by the same code from the same resampled rows)."""
     channels = backbones.MODALITY_CHANNELS[ckpt["modality"]]
+    check_channels(args, ckpt, prep.present_channels(args),
+                   f"--h5_path {args.h5_path} with --ecg_key {args.ecg_key} --ppg_key "
+                   f"{args.ppg_key} gives")
     features = len(metadata_covariates(ckpt)) < len(ckpt["covariates"])
     if features and not ckpt.get("sample_rate_hz"):
         raise UserError(f"the model in {args.checkpoint} takes physiological features but "
@@ -225,10 +245,9 @@ def h5_batches(args, ckpt: dict, skipped: list, filled: Counter,
                 continue
             if features:
                 rate = ckpt["sample_rate_hz"]
-                rec.meta.update(physio.record_features(x[:, 0], x[:, 1], rate, rate,
-                                                       args.mains_hz))
+                rec.meta.update(prep.x_features(x, rate, args.mains_hz))
             recs.append(rec)
-            xs.append(dataset.model_input(x, channels, ckpt["zscore"]))
+            xs.append(dataset.model_input(x, channels, ckpt["zscore"], ckpt.get("conditioning")))
             if len(recs) == args.batch_size:
                 yield batch(recs, xs)
                 recs, xs = [], []

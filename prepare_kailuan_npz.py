@@ -27,6 +27,14 @@ row spans that many seconds, which changes no sample but records the output rate
 (``target_seq_len / record_seconds``). The manifest holds the rate as ``sample_rate_hz``;
 training copies it into the checkpoint and predict_bp.py refuses records at another rate.
 
+Cohorts with one signal: ``--ecg_key none`` (a PPG-only cohort, the usual public set) or
+``--ppg_key none`` (ECG only). Nothing is invented for the missing signal: its npz column is
+all NaN, the manifest lists the signals present (``"channels": ["ppg"]``; both:
+``["ecg", "ppg"]``), the signal checks and the digest cover the present signal alone, only
+its native rate is needed (``--fs_ppg`` without ``--fs_ecg``), and every feature that needs
+the missing signal (pulse arrival time, ECG heart rate) is an empty cell. Training refuses a
+``--modality`` that needs the missing signal.
+
 Rejected records (not written; listed in ``<output_csv stem>_rejected.csv`` as
 ``row,id,reason,duplicate_of``):
 ``empty_ecg``/``empty_ppg`` (no samples), ``nan_or_inf_ecg``/``_ppg`` (a NaN or Inf sample, or a
@@ -98,8 +106,8 @@ import pandas as pd
 import scipy.fft
 
 import physio
-from utils import NPZ_MANIFEST, ArgumentParser, UserError, progress, run_cli, save_npz_atomic, \
-    subject_of, write_csv_atomic, write_json_atomic
+from utils import NPZ_CHANNELS, NPZ_MANIFEST, ArgumentParser, UserError, progress, run_cli, \
+    save_npz_atomic, subject_of, write_csv_atomic, write_json_atomic
 
 META_GROUP, ECG_KEY, PPG_KEY = "metadata", "signals/ecg", "signals/ppg"
 MAX_SEQ_LEN = 1_000_000
@@ -113,6 +121,7 @@ SUBJECT_SEP = "\x1f"  # ASCII unit separator: never part of a name, age or sex
 UNKNOWN_SUBJECT = "unknown_"
 MANIFEST = NPZ_MANIFEST
 LOCK = ".prepare_kailuan_npz.lock"
+NO_SIGNAL = "none"  # --ecg_key/--ppg_key value of a cohort without that signal
 
 
 # ----------------------------------------------------------------------------- resampling
@@ -149,9 +158,10 @@ def signal_problem(row: np.ndarray, name: str) -> Optional[str]:
 class TimeBase:
     """How samples map to time (module docstring, "Time base"): without rates, each row is
     resampled over its whole length; ``record_seconds`` states that span; ``fs`` (ECG and
-    PPG native rates in Hz) resamples each row to ``target_fs`` and crops or pads it."""
+    PPG native rates in Hz, None for a signal the cohort lacks) resamples each row to
+    ``target_fs`` and crops or pads it."""
     record_seconds: Optional[float] = None
-    fs: Optional[Tuple[float, float]] = None
+    fs: Optional[Tuple[Optional[float], Optional[float]]] = None
     target_fs: Optional[float] = None
 
     def sample_rate(self, target_len: int) -> Optional[float]:
@@ -178,15 +188,20 @@ def fit_length(x: np.ndarray, n: int) -> np.ndarray:
 def record_to_x(ecg, ppg, target_len: int,
                 time_base: TimeBase = TimeBase()) -> Tuple[Optional[np.ndarray], Optional[str]]:
     """One record's raw ECG and PPG rows as ``(x, None)``, x float32 (target_len, 2) with
-    column 0 ECG and column 1 PPG, or ``(None, reason)`` when the record can't be used."""
-    rows = {"ecg": np.asarray(ecg, dtype=np.float64).ravel(),
-            "ppg": np.asarray(ppg, dtype=np.float64).ravel()}
+    column 0 ECG and column 1 PPG, or ``(None, reason)`` when the record can't be used.
+    A signal the cohort lacks is None: its column is all NaN, and only the other is checked."""
+    rows = {name: None if row is None else np.asarray(row, dtype=np.float64).ravel()
+            for name, row in (("ecg", ecg), ("ppg", ppg))}
+    if all(row is None for row in rows.values()):
+        raise ValueError("a record needs an ECG or a PPG row")
     for name, row in rows.items():
-        reason = signal_problem(row, name)
+        reason = None if row is None else signal_problem(row, name)
         if reason:
             return None, reason
-    x = np.empty((target_len, 2), dtype=np.float32)
+    x = np.full((target_len, 2), np.nan, dtype=np.float32)
     for col, (name, row) in enumerate(rows.items()):
+        if row is None:
+            continue
         with np.errstate(over="ignore"):  # checked on the next line
             if time_base.fs:
                 n_out = max(1, int(round(len(row) * time_base.target_fs / time_base.fs[col])))
@@ -198,12 +213,21 @@ def record_to_x(ecg, ppg, target_len: int,
     return x, None
 
 
+def x_features(x: np.ndarray, rate: float, mains_hz: Optional[float]) -> Dict[str, float]:
+    """``physio.record_features`` of a ``record_to_x`` record at ``rate`` Hz; a column that
+    record_to_x left all NaN (a signal the cohort lacks) is given as None, so every feature
+    that needs it is NaN, never computed from filler."""
+    ecg, ppg = (None if np.isnan(col).all() else col for col in x.T)
+    return physio.record_features(ecg, ppg, rate, rate, mains_hz)
+
+
 def signal_digest(ecg, ppg) -> str:
     """Hex blake2b (16 bytes) of the raw ECG row then the raw PPG row as little-endian
-    float32: equal for the same recording stored twice, also in float64."""
+    float32: equal for the same recording stored twice, also in float64. A signal the
+    cohort lacks (None) adds nothing: the digest covers the present one."""
     h = hashlib.blake2b(digest_size=16)
     with np.errstate(over="ignore", invalid="ignore"):  # values beyond float32 hash as inf
-        for row in (ecg, ppg):
+        for row in (r for r in (ecg, ppg) if r is not None):
             h.update(np.ascontiguousarray(np.ravel(row), dtype="<f4").tobytes())
     return h.hexdigest()
 
@@ -278,20 +302,37 @@ def subject_rule(subject_key: Optional[Sequence[str]]) -> str:
 # ----------------------------------------------------------------------------- reading
 @dataclass(frozen=True)
 class Cohort:
-    """Where the parts of a Kailuan-layout file are, and its number of rows (records)."""
+    """Where the parts of a Kailuan-layout file are, and its number of rows (records);
+    ``ecg_key``/``ppg_key`` None for a signal the cohort lacks."""
     h5_path: str
     meta_group: str
-    ecg_key: str
-    ppg_key: str
+    ecg_key: Optional[str]
+    ppg_key: Optional[str]
     n_rows: int
+
+    @property
+    def channels(self) -> List[str]:
+        """The signals present, in npz column order (the manifest's ``channels``)."""
+        return [name for name, key in zip(NPZ_CHANNELS, (self.ecg_key, self.ppg_key)) if key]
 
 
 class Record(NamedTuple):
     row: int
     id: str
-    ecg: np.ndarray
-    ppg: np.ndarray
+    ecg: Optional[np.ndarray]  # None: the cohort has no ECG (--ecg_key none)
+    ppg: Optional[np.ndarray]
     meta: Dict[str, object]
+
+
+def signal_key(key: Optional[str]) -> Optional[str]:
+    """An --ecg_key/--ppg_key value as a dataset path, None for ``none`` (no such signal)."""
+    return None if key is None or key == NO_SIGNAL else key
+
+
+def present_channels(args) -> List[str]:
+    """The signals that the --ecg_key/--ppg_key flags of ``args`` say the cohort has."""
+    return [name for name, key in zip(NPZ_CHANNELS, (args.ecg_key, args.ppg_key))
+            if signal_key(key)]
 
 
 def _dataset(f: h5py.File, key: str, flag: str, path: str) -> h5py.Dataset:
@@ -312,17 +353,22 @@ def _check_signal_dataset(ds: h5py.Dataset, flag: str, path: str) -> None:
 
 
 def check_cohort(f: h5py.File, path: str, fields: Sequence[Tuple[str, str]], meta_group: str,
-                 ecg_key: str, ppg_key: str) -> Cohort:
-    """Validate an open file against the layout; ``fields`` are (flag, metadata field) pairs."""
+                 ecg_key: Optional[str], ppg_key: Optional[str]) -> Cohort:
+    """Validate an open file against the layout; ``fields`` are (flag, metadata field) pairs.
+    A signal key ``none`` (or None) is a signal the cohort lacks; one of the two must exist."""
+    ecg_key, ppg_key = signal_key(ecg_key), signal_key(ppg_key)
+    if not (ecg_key or ppg_key):
+        raise UserError("--ecg_key and --ppg_key are both none: a record needs a signal")
     if not isinstance(f.get(meta_group), h5py.Group):
         raise UserError(f"--meta_group: group {meta_group} does not exist in {path}")
     signals = {flag: _dataset(f, key, flag, path)
-               for flag, key in (("--ecg_key", ecg_key), ("--ppg_key", ppg_key))}
+               for flag, key in (("--ecg_key", ecg_key), ("--ppg_key", ppg_key)) if key}
     for flag, ds in signals.items():
         _check_signal_dataset(ds, flag, path)
-    n_rows = signals["--ecg_key"].shape[0]
+    first = next(iter(signals.values()))
+    n_rows = first.shape[0]
     if n_rows == 0:
-        raise UserError(f"{path}: {ecg_key} holds no records")
+        raise UserError(f"{path}: {first.name.lstrip('/')} holds no records")
     for flag, field in fields:
         ds = _dataset(f, f"{meta_group}/{field}", flag, path)
         if ds.ndim != 1:
@@ -330,8 +376,8 @@ def check_cohort(f: h5py.File, path: str, fields: Sequence[Tuple[str, str]], met
     for flag, ds in [*signals.items(),
                      *((flag, f[f"{meta_group}/{field}"]) for flag, field in fields)]:
         if ds.shape[0] != n_rows:
-            raise UserError(f"{flag}: {ds.name} in {path} has {ds.shape[0]} rows but {ecg_key} "
-                            f"has {n_rows}")
+            raise UserError(f"{flag}: {ds.name} in {path} has {ds.shape[0]} rows but "
+                            f"{first.name.lstrip('/')} has {n_rows}")
     return Cohort(path, meta_group, ecg_key, ppg_key, n_rows)
 
 
@@ -353,7 +399,8 @@ def iter_records(h5_path: str, id_key: str = "new_id", meta_fields: Sequence[str
                  start: int = 0, stop: Optional[int] = None,
                  chunk_rows: int = 256) -> Iterator[Record]:
     """Yield ``Record(row, id, ecg, ppg, meta)`` for rows ``start``..``stop``-1, reading
-    ``chunk_rows`` rows at a time; ``meta`` maps each of ``meta_fields`` to its value."""
+    ``chunk_rows`` rows at a time; ``meta`` maps each of ``meta_fields`` to its value.
+    ``ecg_key``/``ppg_key`` ``none``: the cohort lacks that signal, and its rows are None."""
     fields = [("--id_key", id_key), *(("meta_fields", m) for m in meta_fields)]
     with open_h5(h5_path) as f:
         cohort = check_cohort(f, h5_path, fields, meta_group, ecg_key, ppg_key)
@@ -362,7 +409,8 @@ def iter_records(h5_path: str, id_key: str = "new_id", meta_fields: Sequence[str
         for a in range(start, stop, chunk_rows):
             b = min(a + chunk_rows, stop)
             ids = decode_text(meta[id_key][a:b])
-            ecg, ppg = f[ecg_key][a:b], f[ppg_key][a:b]
+            ecg, ppg = ((f[key][a:b] if key else [None] * (b - a))
+                        for key in (cohort.ecg_key, cohort.ppg_key))
             values = {m: column_values(meta[m], a, b) for m in meta_fields}
             for j in range(b - a):
                 yield Record(a + j, ids[j], ecg[j], ppg[j], {m: v[j] for m, v in values.items()})
@@ -449,7 +497,7 @@ def process_task(task: Task) -> List[Result]:
         if x is not None and rec.row not in present:
             save_npz_atomic(os.path.join(task.out_dir, wanted[rec.row] + ".npz"), x=x)
         if x is not None and task.mains_hz:
-            features = physio.record_features(x[:, 0], x[:, 1], rate, rate, task.mains_hz)
+            features = x_features(x, rate, task.mains_hz)
         done.append(Result(rec.row, wanted[rec.row], reason, signal_digest(rec.ecg, rec.ppg),
                            features))
     return done
@@ -541,7 +589,7 @@ def check_labels_settings(output_csv: str, settings: dict, overwrite: bool) -> N
                         f"it was made, does not; add --overwrite to replace it, or choose "
                         f"another --output_csv")
     with open(path, encoding="utf-8") as fh:
-        old = json.load(fh)
+        old = _as_now(json.load(fh))
     changed = [k for k in settings if k != "h5_path" and old.get(k) != settings[k]]
     if changed:
         what = "; ".join(f"{k} {old.get(k)} -> {settings[k]}" for k in changed)
@@ -568,8 +616,15 @@ def manifest_for(cohort: Cohort, id_key: str, target_len: int, time_base: TimeBa
     stat = os.stat(cohort.h5_path)
     return {"h5_path": os.path.abspath(cohort.h5_path), "h5_size": stat.st_size,
             "h5_mtime_ns": stat.st_mtime_ns, "id_key": id_key, "meta_group": cohort.meta_group,
-            "ecg_key": cohort.ecg_key, "ppg_key": cohort.ppg_key, "target_seq_len": target_len,
-            **time_base.as_dict(), "sample_rate_hz": time_base.sample_rate(target_len)}
+            "ecg_key": cohort.ecg_key, "ppg_key": cohort.ppg_key, "channels": cohort.channels,
+            "target_seq_len": target_len, **time_base.as_dict(),
+            "sample_rate_hz": time_base.sample_rate(target_len)}
+
+
+def _as_now(old: dict) -> dict:
+    """A manifest (or labels settings) written by an older prep, with the keys it lacked
+    at their meaning then: both signals."""
+    return {"channels": list(NPZ_CHANNELS), **old}
 
 
 def existing_npz(output_npz: str, manifest: dict) -> set:
@@ -585,7 +640,7 @@ def existing_npz(output_npz: str, manifest: dict) -> set:
         raise UserError(f"--output_npz {output_npz} already holds {len(stems)} .npz files that "
                         f"this script did not write; choose an empty or new folder")
     with open(path, encoding="utf-8") as fh:
-        old = json.load(fh)
+        old = _as_now(json.load(fh))
     changed = [k for k in manifest if k != "h5_path" and old.get(k) != manifest[k]]
     if changed:
         what = ", ".join(f"{k} {old.get(k)} -> {manifest[k]}" for k in changed)
@@ -675,19 +730,30 @@ def add_time_base_flags(p: ArgumentParser) -> None:
                    help="native sampling rate of the ECG rows in Hz (with --fs_ppg): each row "
                         "is resampled to --target_fs and cut to its first --target_seq_len "
                         "samples, or padded after its end with its mean, so one sample is "
-                        "the same time in every record, also for rows of different durations")
+                        "the same time in every record, also for rows of different durations; "
+                        "with --ppg_key none, alone")
     p.add_argument("--fs_ppg", type=float, default=None,
-                   help="native sampling rate of the PPG rows in Hz (with --fs_ecg)")
+                   help="native sampling rate of the PPG rows in Hz (with --fs_ecg; with "
+                        "--ecg_key none, alone)")
     p.add_argument("--target_fs", type=float, default=500.0,
                    help="output sampling rate in Hz with --fs_ecg/--fs_ppg (ECGFounder was "
                         "pre-trained on ECG at 500 Hz)")
 
 
 def time_base_of(args) -> TimeBase:
-    """The ``TimeBase`` the time-base flags ask for; ``UserError`` for a bad combination."""
-    if (args.fs_ecg is None) != (args.fs_ppg is None):
+    """The ``TimeBase`` the time-base flags ask for; ``UserError`` for a bad combination.
+    The native rate of each signal present (--ecg_key/--ppg_key, ``present_channels``) is
+    needed, and none of a signal the cohort lacks."""
+    present = present_channels(args)
+    rates = {"ecg": args.fs_ecg, "ppg": args.fs_ppg}
+    for name, rate in rates.items():
+        if rate is not None and name not in present:
+            raise UserError(f"--fs_{name}: the cohort has no {name.upper()} "
+                            f"(--{name}_key none); leave it out")
+    given = [rates[name] is not None for name in present]
+    if any(given) and not all(given):
         raise UserError("--fs_ecg and --fs_ppg go together: give both native rates")
-    if args.fs_ecg is not None and args.record_seconds is not None:
+    if any(given) and args.record_seconds is not None:
         raise UserError("give either --record_seconds (rows of one duration) or "
                         "--fs_ecg/--fs_ppg (native rates), not both")
     for flag, value in (("--record_seconds", args.record_seconds), ("--fs_ecg", args.fs_ecg),
@@ -695,7 +761,7 @@ def time_base_of(args) -> TimeBase:
         if value is not None and not (math.isfinite(value) and value > 0):
             unit = "seconds" if flag == "--record_seconds" else "Hz"
             raise UserError(f"{flag} must be a positive number of {unit}, got {value:g}")
-    if args.fs_ecg is not None:
+    if any(given):
         return TimeBase(fs=(args.fs_ecg, args.fs_ppg), target_fs=args.target_fs)
     return TimeBase(record_seconds=args.record_seconds)
 
@@ -707,6 +773,8 @@ def check_args(args) -> None:
                         f"got {args.target_seq_len}")
     if args.workers < 1:
         raise UserError(f"--workers must be >= 1, got {args.workers}")
+    if not present_channels(args):
+        raise UserError("--ecg_key and --ppg_key are both none: a record needs a signal")
     if args.chunk_rows < 1:
         raise UserError(f"--chunk_rows must be >= 1, got {args.chunk_rows}")
     if args.features and time_base_of(args).sample_rate(args.target_seq_len) is None:
@@ -758,8 +826,12 @@ def get_args_parser() -> ArgumentParser:
     p.add_argument("--extra_cols", nargs="*", default=[],
                    help="more metadata fields for the CSV, e.g. age sex for --covariates")
     p.add_argument("--meta_group", default=META_GROUP, help="HDF5 group of the metadata fields")
-    p.add_argument("--ecg_key", default=ECG_KEY, help="HDF5 dataset of the ECG rows")
-    p.add_argument("--ppg_key", default=PPG_KEY, help="HDF5 dataset of the PPG rows")
+    p.add_argument("--ecg_key", default=ECG_KEY,
+                   help="HDF5 dataset of the ECG rows; 'none' for a cohort without ECG (the "
+                        "npz ECG column is then all NaN, the manifest lists channels ['ppg'], "
+                        "and features that need the ECG are empty)")
+    p.add_argument("--ppg_key", default=PPG_KEY,
+                   help="HDF5 dataset of the PPG rows; 'none' for a cohort without PPG")
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
                    help="processes that resample, compress and write (compression "
                         "dominates) (default: min(8, CPU cores), %(default)s here)")

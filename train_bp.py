@@ -74,6 +74,13 @@ def get_args_parser() -> utils.ArgumentParser:
                            "--subject_key name age sex); default: subject_id when the CSV has "
                            "it, else the part of ssoid before the first '_'. Records of one "
                            "person under two subjects can land in train and test")
+    data.add_argument("--no_ridge_offset", action="store_true",
+                      help="with --covariates the model adds the ridge regression of the "
+                           "targets on the covariates (fitted on the train split) to its "
+                           "output and learns the residual, starting at zero: it starts as "
+                           "that ridge, is evaluated before training (epoch 0) and keeps the "
+                           "ridge when the signals add nothing on validation. This flag "
+                           "turns that floor off (the head learns the whole mapping)")
     data.add_argument("--val_ratio", type=float, default=0.1, help="fraction of subjects for validation")
     data.add_argument("--test_ratio", type=float, default=0.2, help="fraction of subjects for test")
     data.add_argument("--seed", type=int, default=666, help="seed of the split, the init and the shuffling")
@@ -91,6 +98,22 @@ def get_args_parser() -> utils.ArgumentParser:
                            "one-point 'calibrated' metrics (default: ssoid order)")
     data.add_argument("--no_zscore", action="store_true",
                       help="feed raw signals instead of per-record, per-channel z-scored ones")
+    data.add_argument("--filter", default="none", choices=dataset.FILTERS,
+                      help="band-pass each record before z-scoring: ecgfounder = ECGFounder's "
+                           "pre-training preprocessing of the ECG (0.67-40 Hz, mains notch) "
+                           "and 0.5-8 Hz for the PPG; needs the records' sampling rate "
+                           "(prep's --record_seconds or --fs_ecg/--fs_ppg). Stored in the "
+                           "checkpoint; predict_bp.py filters alike")
+    data.add_argument("--mains_hz", type=float, default=50.0,
+                      help="mains frequency notched out of the ECG by --filter ecgfounder")
+    data.add_argument("--augment", nargs="+", default=[],
+                      choices=(*dataset.AUGMENTATIONS, "all"), metavar="PART",
+                      help="training-time augmentation (evaluation and prediction see the "
+                           "whole record): shift (drop up to 10%% of the record's start from "
+                           "both channels alike, so the ECG-to-PPG delay survives), gain "
+                           "(x0.8-1.25 per channel), noise (SD 0.05 after z-scoring), wander "
+                           "(a slow sine of up to 0.2); 'all' for every part. Draws depend on "
+                           "--seed, the epoch and the record only, so resume stays exact")
     data.add_argument("--cache_dir", default=None,
                       help="pack the checked records, ready for the model, into one float32 "
                            "memory-mapped file here (built once, reused by later runs): "
@@ -193,6 +216,8 @@ def parse_args(argv: Optional[Sequence[str]]):
                         f"not a covariate")
     if args.subject_col in args.target_cols:
         raise UserError(f"--subject_col: {args.subject_col} is a target, not a subject")
+    if "all" in args.augment:
+        args.augment = list(dataset.AUGMENTATIONS)
     if args.modality != "both":
         args.fusion = "none"
     return args
@@ -272,10 +297,24 @@ def record_subjects(rows: pd.DataFrame, subject_col: Optional[str],
     return values.astype(str), f"column {col} of the labels CSV ({how})"
 
 
+def folder_channels(args) -> List[str]:
+    """The signals of --npz_dir (its manifest's ``channels``); ``UserError`` when --modality
+    needs one that the cohort lacks (prepared with --ecg_key none or --ppg_key none)."""
+    channels = utils.npz_channels(args.npz_dir)
+    missing = utils.missing_channels(backbones.MODALITY_CHANNELS[args.modality], channels)
+    if missing:
+        raise UserError(f"--modality {args.modality} needs the {' and '.join(missing).upper()} "
+                        f"signal, but --npz_dir {args.npz_dir} holds only "
+                        f"{', '.join(channels).upper()} (its manifest's channels); use "
+                        f"--modality {channels[0]}")
+    return channels
+
+
 def check_files(args, rows: pd.DataFrame) -> Tuple[pd.DataFrame, int, pd.DataFrame]:
     """Rows whose npz passed the check, the common length, and the skipped table."""
     good, length, skipped = dataset.check_records(list(rows["ssoid"]), args.npz_dir,
-                                                  workers=max(1, args.num_workers))
+                                                  workers=max(1, args.num_workers),
+                                                  channels=folder_channels(args))
     if len(skipped):
         print(f"npz check: skipping {len(skipped)} bad records (listed in skipped_records.csv)")
     if not good:
@@ -391,23 +430,26 @@ def make_loader(args, part: pd.DataFrame, rows_in_cache: np.ndarray, stats: dict
                 device: torch.device, dist: utils.DistInfo, train: bool) -> DataLoader:
     """The DataLoader of one split: from the cache when given, else from the npz files.
 
-    Training shards with ``DistributedSampler`` (reshuffled by ``set_epoch``); evaluation
-    with ``ShardSampler``, so every record is evaluated exactly once over the ranks.
+    Training shards with ``DistributedSampler`` (reshuffled by ``set_epoch``, its indices
+    tagged with the epoch for --augment); evaluation with ``ShardSampler``, so every record
+    is evaluated exactly once over the ranks.
     """
     y = (part[args.target_cols].to_numpy(np.float64) - stats["target_mean"]) / stats["target_std"]
     cov = dataset.encode_covariates(part, stats["covariates"])[0]
     channels = backbones.MODALITY_CHANNELS[args.modality]
+    augmenter = dataset.Augmenter(args.augment, args.seed) if train and args.augment else None
     if cache is not None:
         ds = dataset.CachedBPDataset(list(part["ssoid"]), cache, rows_in_cache, y, channels,
-                                     covariates=cov)
+                                     covariates=cov, augmenter=augmenter)
         workers, collate = 0, dataset.CachedBPDataset.collate
     else:
         ds = dataset.BPDataset(list(part["ssoid"]), args.npz_dir, y, channels,
-                               normalize=not args.no_zscore, covariates=cov)
+                               normalize=not args.no_zscore, covariates=cov,
+                               conditioning=stats["conditioning"], augmenter=augmenter)
         workers, collate = args.num_workers, None
     if train:
-        sampler = DistributedSampler(ds, num_replicas=dist.world_size, rank=dist.rank,
-                                     shuffle=True, seed=args.seed)
+        sampler = dataset.EpochSampler(DistributedSampler(
+            ds, num_replicas=dist.world_size, rank=dist.rank, shuffle=True, seed=args.seed))
     else:
         sampler = dataset.ShardSampler(len(ds), dist.rank, dist.world_size)
     return DataLoader(ds, batch_size=args.batch_size, sampler=sampler, collate_fn=collate,
@@ -425,10 +467,15 @@ def build_model(args, stats: dict, pretrain: Optional[str],
     cfg = backbones.BPModelConfig(arch=args.arch, modality=args.modality, fusion=args.fusion,
                                   n_targets=len(args.target_cols), constrain=args.constrain,
                                   head_hidden=args.head_hidden, dropout=args.dropout,
-                                  n_covariates=len(dataset.covariate_names(stats["covariates"])))
+                                  n_covariates=len(dataset.covariate_names(stats["covariates"])),
+                                  covariate_offset=stats["ridge"] is not None
+                                  and not args.no_ridge_offset)
     model = backbones.build_bp_model(cfg)
     mean, std = np.array(stats["target_mean"]), np.array(stats["target_std"])
     model.set_bounds((np.array(stats["y_min"]) - mean) / std, (np.array(stats["y_max"]) - mean) / std)
+    if cfg.covariate_offset:  # the ridge in normalised target units
+        ridge = ridge_of(stats)
+        model.set_covariate_offset((ridge.coef / std).T, (ridge.intercept - mean) / std)
     if pretrain:
         utils.run_on_rank0(lambda: backbones.load_pretrained(
             model, pretrain, trust=args.trust_checkpoint, target_cols=args.target_cols,
@@ -525,13 +572,24 @@ def split_report(result: dict, part: pd.DataFrame, target_cols: Sequence[str],
     return block
 
 
-def covariate_ridge(rows: pd.DataFrame, target_cols: Sequence[str], stats: dict):
-    """The ridge-on-covariates baseline fitted on the train split (None without covariates)."""
-    if not stats["covariates"]:
+def covariate_ridge(rows: pd.DataFrame, target_cols: Sequence[str],
+                    covariates: Sequence[dict]) -> Optional[dict]:
+    """The ridge regression of the targets on the encoded covariates, fitted on the train
+    split, as plain data for the checkpoint (None without covariates): the baseline of
+    every report and, unless --no_ridge_offset, the model's fixed offset."""
+    if not covariates:
         return None
     train = rows[rows["split"] == "train"]
-    return metrics.fit_ridge(dataset.encode_covariates(train, stats["covariates"])[0],
-                             train[list(target_cols)].to_numpy(np.float64))
+    ridge = metrics.fit_ridge(dataset.encode_covariates(train, covariates)[0],
+                              train[list(target_cols)].to_numpy(np.float64))
+    return {"coef": ridge.coef.tolist(), "intercept": ridge.intercept.tolist()}
+
+
+def ridge_of(stats: dict) -> Optional[metrics.Ridge]:
+    """The ``covariate_ridge`` that ``stats`` (or a checkpoint) holds, ready to predict."""
+    ridge = stats.get("ridge")
+    return None if ridge is None else metrics.Ridge(np.asarray(ridge["coef"]),
+                                                    np.asarray(ridge["intercept"]))
 
 
 def epoch_line(epoch: int, epochs: int, row: dict, target_cols, best: bool) -> str:
@@ -597,8 +655,11 @@ def load_data(args):
     stats = target_stats(train, args.target_cols, args.y_margin)
     stats["covariates"] = dataset.fit_covariates(train, args.covariates,
                                                  f"labels CSV {args.labels_csv}")
-    # not a statistic, but like them saved in every checkpoint: what one sample means
+    stats["ridge"] = covariate_ridge(rows, args.target_cols, stats["covariates"])
+    # not statistics, but like them saved in every checkpoint: what one sample means and
+    # how the records are filtered before z-scoring
     stats["sample_rate_hz"] = utils.npz_sample_rate(args.npz_dir)
+    stats["conditioning"] = conditioning_of(args, stats["sample_rate_hz"])
     if args.covariates:
         filled = dataset.encode_covariates(rows, stats["covariates"])[1]
         print("covariates (encoded from the train split):\n"
@@ -606,6 +667,17 @@ def load_data(args):
               + "".join(f"\n  {name}: {n} of {len(rows)} values missing or unseen in training"
                         for name, n in filled.items() if n))
     return rows, seq_len, skipped, stats, audit
+
+
+def conditioning_of(args, sample_rate: Optional[float]) -> Optional[dict]:
+    """``dataset.model_input``'s conditioning for --filter (None for ``none``)."""
+    if args.filter == "none":
+        return None
+    if not sample_rate:
+        raise UserError(f"--filter {args.filter} needs the records' sampling rate, which "
+                        f"{args.npz_dir} does not record: prepare them with --record_seconds "
+                        f"or --fs_ecg/--fs_ppg")
+    return {"filter": args.filter, "fs": sample_rate, "mains_hz": args.mains_hz}
 
 
 def start_on_rank0(args, dist: utils.DistInfo):
@@ -625,18 +697,20 @@ def start_on_rank0(args, dist: utils.DistInfo):
     return utils.run_on_rank0(start, dist)
 
 
-def open_cache_per_node(args, rows: pd.DataFrame, seq_len: int, dist: utils.DistInfo):
+def open_cache_per_node(args, rows: pd.DataFrame, seq_len: int, conditioning: Optional[dict],
+                        dist: utils.DistInfo):
     """The memory-mapped cache, built by the first process of each node."""
     paths = [dataset.npz_path(args.npz_dir, s) for s in rows["ssoid"]]
     if dist.local_rank == 0:
-        dataset.open_cache(args.cache_dir, paths, seq_len, normalize=not args.no_zscore)
+        dataset.open_cache(args.cache_dir, paths, seq_len, not args.no_zscore, conditioning)
     utils.barrier()
-    return dataset.open_cache(args.cache_dir, paths, seq_len, normalize=not args.no_zscore)
+    return dataset.open_cache(args.cache_dir, paths, seq_len, not args.no_zscore, conditioning)
 
 
 def make_loaders(args, rows: pd.DataFrame, stats: dict, seq_len: int, device: torch.device,
                  dist: utils.DistInfo) -> Dict[str, DataLoader]:
-    cache = open_cache_per_node(args, rows, seq_len, dist) if args.cache_dir else None
+    cache = (open_cache_per_node(args, rows, seq_len, stats["conditioning"], dist)
+             if args.cache_dir else None)
     loaders = {}
     for split in ("train", "val", "test"):
         index = np.flatnonzero(rows["split"] == split)
@@ -662,6 +736,20 @@ def wrap_model(args, model: backbones.BPModel, device: torch.device, dist: utils
         return train_model, model
     compiled = torch.compile(train_model)
     return compiled, (compiled if train_model is model else torch.compile(model))
+
+
+def evaluate_ridge_start(args, model, eval_model, loaders, loss_fn, device, stats: dict,
+                         rows: pd.DataFrame, seq_len: int, dist: utils.DistInfo) -> dict:
+    """Epoch 0 of a model with the ridge offset: before training it is exactly the ridge
+    on the covariates (the network's share starts at zero). Its validation MAE starts the
+    race for bp_best.pth, so the run keeps the ridge unless training beats it."""
+    val = evaluate_split(eval_model, loaders, "val", loss_fn, device, stats)
+    mae = metrics.regression_metrics(val["y_true"], val["y_pred"], args.target_cols)["mean"]["mae"]
+    if dist.is_main:
+        save_epoch(args, model, stats, 0, rows, seq_len, True, None, [])
+        print(f"epoch 0/{args.epochs}  the ridge on the covariates, before training: "
+              f"val MAE mean {mae:.2f}  *best*")
+    return {"epoch": 0, "val_mae_mean": mae}
 
 
 def restore(saved: dict, model, optimizer, scheduler, scaler, dist: utils.DistInfo,
@@ -695,7 +783,7 @@ def final_report(args, model, eval_model, loaders, loss_fn, device,
     best = utils.broadcast_object(best)
     model.load_state_dict(best["model"])
     report = {"target_cols": list(args.target_cols), "best_epoch": best["epoch"]}
-    ridge = covariate_ridge(rows, args.target_cols, stats)
+    ridge = ridge_of(stats)
     for split in ("val", "test"):
         result = evaluate_split(eval_model, loaders, split, loss_fn, device, stats)
         if not dist.is_main:
@@ -715,12 +803,15 @@ def final_report(args, model, eval_model, loaders, loss_fn, device,
 
 
 def save_epoch(args, model, stats: dict, epoch: int, rows: pd.DataFrame, seq_len: int,
-               improved: bool, state: dict, history: List[dict]) -> None:
-    """bp_best.pth (when improved), bp_last.pth and history.csv; rank 0 only."""
+               improved: bool, state: Optional[dict], history: List[dict]) -> None:
+    """bp_best.pth (when improved), bp_last.pth and history.csv; rank 0 only. Epoch 0
+    (``state`` None: nothing trained yet) writes bp_best.pth alone."""
     split_ids = {name: part["ssoid"].tolist() for name, part in rows.groupby("split")}
     payload = checkpoint_payload(args, model, stats, epoch, seq_len, split_ids)
     if improved:
         utils.save_checkpoint(os.path.join(args.out_dir, "bp_best.pth"), payload)
+    if state is None:
+        return
     utils.save_checkpoint(os.path.join(args.out_dir, "bp_last.pth"), {**payload, **state})
     utils.write_csv_atomic(os.path.join(args.out_dir, "history.csv"), pd.DataFrame(history))
 
@@ -768,6 +859,10 @@ def train(args, dist: utils.DistInfo, device: torch.device) -> None:
           f"{len(loaders['train'].dataset)} training records of length {seq_len}"
           + (f" at {stats['sample_rate_hz']:g} Hz" if stats["sample_rate_hz"] else ""))
 
+    if saved is None and model.config.covariate_offset:
+        best = evaluate_ridge_start(args, model, eval_model, loaders, loss_fn, device, stats,
+                                    rows, seq_len, dist)
+
     # ---------------------------------------------------------------- epochs
     for epoch in range(saved["epoch"] + 1 if saved else 1, args.epochs + 1):
         if args.patience and history and epoch - 1 - best["epoch"] >= args.patience:
@@ -802,6 +897,10 @@ def train(args, dist: utils.DistInfo, device: torch.device) -> None:
     print(f"\nbest epoch {report['best_epoch']} (val MAE mean "
           f"{report['val']['mean']['mae']:.2f}); outputs in {args.out_dir}: bp_best.pth, "
           f"final_metrics.json, val_predictions.csv, test_predictions.csv, history.csv, split.csv")
+    if report["best_epoch"] == 0:
+        print("note: the best epoch is 0, the ridge regression on the covariates: on the "
+              "validation split the signals added nothing to it, so the model reported is "
+              "that ridge")
 
 
 if __name__ == "__main__":

@@ -123,16 +123,34 @@ def save_npz_atomic(path: str, **arrays: np.ndarray) -> None:
 
 # ----------------------------------------------------------------------------- npz folders
 NPZ_MANIFEST = ".prepare_kailuan_npz.json"  # prepare_kailuan_npz.py's record of a folder
+NPZ_CHANNELS = ("ecg", "ppg")  # the signals of npz columns 0 and 1
+
+
+def npz_manifest(npz_dir: str) -> dict:
+    """The manifest prep wrote in ``npz_dir`` ({} when there is none)."""
+    path = os.path.join(npz_dir, NPZ_MANIFEST)
+    if not os.path.isfile(path):
+        return {}
+    with open(path, encoding="utf-8") as fh:
+        return json.load(fh)
 
 
 def npz_sample_rate(npz_dir: str) -> Optional[float]:
     """The sampling rate (Hz) of the records in ``npz_dir`` as prep recorded it, or None
     (unknown: prepared without a time base, or by an older prep)."""
-    path = os.path.join(npz_dir, NPZ_MANIFEST)
-    if not os.path.isfile(path):
-        return None
-    with open(path, encoding="utf-8") as fh:
-        return json.load(fh).get("sample_rate_hz")
+    return npz_manifest(npz_dir).get("sample_rate_hz")
+
+
+def npz_channels(npz_dir: str) -> List[str]:
+    """The signals present in the records of ``npz_dir`` (``["ppg"]`` for a cohort prepared
+    with ``--ecg_key none``, whose ECG column is all NaN); both when the manifest does not
+    say (an older prep, or files from elsewhere)."""
+    return list(npz_manifest(npz_dir).get("channels", NPZ_CHANNELS))
+
+
+def missing_channels(channels: Sequence[int], present: Sequence[str]) -> List[str]:
+    """The names of the npz ``channels`` (column numbers a model reads) not in ``present``."""
+    return [NPZ_CHANNELS[c] for c in channels if NPZ_CHANNELS[c] not in present]
 
 
 # ----------------------------------------------------------------------------- seeding

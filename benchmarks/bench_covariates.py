@@ -1,16 +1,17 @@
-"""Signals only, covariates only, both: what each source of information is worth, beside
-the train-mean predictor and a ridge regression on the covariates, over several seeds.
+"""What each source of information is worth: the signals, the demographics (age, sex,
+BMI), the physiological features of physio.py (pulse arrival time, heart rate, ...), and the
+ECGFounder signal conditioning, beside the train mean and ridge regressions, over seeds.
 
     python benchmarks/bench_covariates.py --out bench_out/covariates --seeds 1 2 3
 
-Makes and prepares one synthetic cohort (``bench_fusion.prepare``: age, sex and BMI carry
-part of the BP, pulse arrival time in the signals another part), then runs the real
-``train_bp.py`` for every setup and seed (the seed also draws the subject split, the same
-for every setup) and prints the test MAE per target (mean over seeds) for:
-the model on ECG+PPG alone, on ``--covariates`` alone (``--modality none``), and on both;
-the ridge regression on the covariates and the train mean, from the same runs'
-``final_metrics.json``; and, for the model on both, its MAE minus the ridge's with the
-95 % subject-bootstrap interval of the first seed. Prints; asserts nothing.
+Makes and prepares one synthetic cohort (``bench_fusion.prepare``, with ``--features``: age,
+sex and BMI carry part of the BP, pulse arrival time in the signals another part), then runs
+the real ``train_bp.py`` for every setup and seed (the seed also draws the subject split, the
+same for every setup) and prints the test MAE per target (mean over seeds) for the setups in
+``SETUPS``, the ridge regressions on age/sex/BMI and on those plus PAT and HR (the
+``covariate_baseline`` of the two covariate-only runs: the classic physiological baseline)
+and the train mean; and, for the model on signals and every covariate, its MAE minus the
+ridge's with the 95 % subject-bootstrap interval of the first seed. Prints; asserts nothing.
 """
 from __future__ import annotations
 
@@ -24,12 +25,19 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_fusion import TARGETS, get_args_parser as fusion_parser, prepare, train  # noqa: E402
 from utils import write_text_atomic  # noqa: E402
 
-COVARIATES = ["age", "sex", "bmi"]
+DEMOGRAPHICS = ["age", "sex", "bmi"]
+PHYSIOLOGY = DEMOGRAPHICS + ["pat_foot_ms", "hr_bpm"]
 SETUPS = {
     "signals only": ["--modality", "both"],
-    "covariates only": ["--modality", "none", "--covariates", *COVARIATES],
-    "signals + covariates": ["--modality", "both", "--covariates", *COVARIATES],
+    "signals only, --filter ecgfounder": ["--modality", "both", "--filter", "ecgfounder"],
+    "age/sex/BMI only": ["--modality", "none", "--covariates", *DEMOGRAPHICS],
+    "age/sex/BMI + PAT/HR only": ["--modality", "none", "--covariates", *PHYSIOLOGY],
+    "signals + age/sex/BMI": ["--modality", "both", "--covariates", *DEMOGRAPHICS],
+    "signals + age/sex/BMI + PAT/HR": ["--modality", "both", "--covariates", *PHYSIOLOGY],
 }
+RIDGES = {"ridge on age/sex/BMI": "age/sex/BMI only",
+          "ridge on age/sex/BMI + PAT/HR": "age/sex/BMI + PAT/HR only"}
+BEST = "signals + age/sex/BMI + PAT/HR"
 
 
 def get_args_parser():
@@ -43,12 +51,13 @@ def rows(results: Dict[str, List[dict]]) -> Dict[str, Dict[str, float]]:
     """Per setup and baseline, the test MAE per target averaged over seeds."""
     table = {name: {t: float(np.mean([r["per_target"][t] for r in runs])) for t in TARGETS}
              for name, runs in results.items()}
-    with_cov = results["covariates only"]
-    table["ridge on covariates"] = {t: float(np.mean(
-        [r["test"]["covariate_baseline"]["per_target"][t]["mae"] for r in with_cov]))
-        for t in TARGETS}
+    for name, setup in RIDGES.items():
+        table[name] = {t: float(np.mean(
+            [r["test"]["covariate_baseline"]["per_target"][t]["mae"] for r in results[setup]]))
+            for t in TARGETS}
     table["train mean"] = {t: float(np.mean(
-        [r["test"]["baseline"]["per_target"][t]["mae"] for r in with_cov])) for t in TARGETS}
+        [r["test"]["baseline"]["per_target"][t]["mae"] for r in results[BEST]]))
+        for t in TARGETS}
     return table
 
 
@@ -64,8 +73,8 @@ def report(results: Dict[str, List[dict]], args) -> str:
         lines.append(f"| {name} | " + " | ".join(f"{maes[t]:.2f} ({maes[t] / base[t]:.2f})"
                                                  for t in TARGETS)
                      + f" | {mean:.2f} ({mean / np.mean(list(base.values())):.2f}) |")
-    both = results["signals + covariates"][0]["test"]["covariate_baseline"]["per_target"]
-    lines += ["", f"signals + covariates minus ridge, seed {args.seeds[0]}, MAE [95 % CI]: "
+    both = results[BEST][0]["test"]["covariate_baseline"]["per_target"]
+    lines += ["", f"{BEST} minus its ridge, seed {args.seeds[0]}, MAE [95 % CI]: "
               + "; ".join(f"{t} {both[t]['model_mae_diff']:+.2f} "
                           f"[{both[t]['model_mae_diff_ci95'][0]:+.2f}, "
                           f"{both[t]['model_mae_diff_ci95'][1]:+.2f}]" for t in TARGETS)]

@@ -59,7 +59,7 @@ def prepare(args) -> Dict[str, str]:
         run(["prepare_kailuan_npz.py", "--h5_path", h5, "--target_cols", *TARGETS,
              "--output_npz", data["npz"], "--output_csv", data["labels"],
              "--target_seq_len", str(args.seq_len), "--workers", "2",
-             "--extra_cols", "age", "sex", "bmi"])
+             "--extra_cols", "age", "sex", "bmi", "--record_seconds", "15", "--features"])
     return data
 
 

@@ -107,7 +107,8 @@ def measure(args, scratch: str) -> Dict[str, float]:
         synthetic_cohort(args, scratch)
     table = pd.read_csv(args.labels_csv, dtype={"ssoid": str})
     table = table[table[args.target_cols].notna().all(axis=1)].reset_index(drop=True)
-    stats = {**train_bp.target_stats(table, args.target_cols, 0.0), "covariates": []}
+    stats = {**train_bp.target_stats(table, args.target_cols, 0.0), "covariates": [],
+             "conditioning": None}
     paths = [dataset.npz_path(args.npz_dir, s) for s in table["ssoid"]]
     bare_rate(paths, 1)  # the files into the page cache, as for every loader below
     rates = {"bare np.load loop": bare_rate(paths, args.passes)}

@@ -6,8 +6,10 @@
 Speed: records/s of bare ``np.savez_compressed`` of the very ``x`` arrays the script writes
 (the unavoidable work per record: compressing 7500 x 2 float32), then of the whole script
 (``main``: checks, chunked reading, resampling, compression, atomic writes, CSVs) with 1 and
-2 workers, each as a ratio to the bare rate measured in the same run. Aims: 1 worker >= 0.7
-of bare, 2 workers near twice 1 worker. Best of ``--repeats`` runs.
+2 workers, and with 1 worker and ``--features --record_seconds 15`` (physio.py's beat
+analysis of every record), each as a ratio to the bare rate measured in the same run. Aims:
+1 worker >= 0.7 of bare, 2 workers near twice 1 worker, 1 worker with features >= 0.5 of
+bare. Best of ``--repeats`` runs.
 
 Memory: the script runs as a child process on an N-record cohort; printed are the peak RSS of
 its largest process (``getrusage(RUSAGE_CHILDREN).ru_maxrss``, read by a small wrapper process)
@@ -62,11 +64,14 @@ def make(path: str, n_records: int) -> None:
                                       seed=0)
 
 
-def prep_argv(h5: str, out: str, seq: int, workers: int) -> List[str]:
+FEATURES = ("--features", "--record_seconds", "15")  # the synthetic rows span 15 s
+
+
+def prep_argv(h5: str, out: str, seq: int, workers: int, extra: Sequence[str] = ()) -> List[str]:
     return ["--h5_path", h5, "--target_cols", "right_arm_sbp", "left_arm_dbp",
             "--output_npz", os.path.join(out, "npz"),
             "--output_csv", os.path.join(out, "labels.csv"),
-            "--target_seq_len", str(seq), "--workers", str(workers)]
+            "--target_seq_len", str(seq), "--workers", str(workers), *extra]
 
 
 def best_seconds(fn, repeats: int, scratch: str) -> float:
@@ -87,9 +92,9 @@ def bare_savez(xs: Sequence[np.ndarray], folder: str) -> None:
         np.savez_compressed(os.path.join(folder, f"{i}.npz"), x=x)
 
 
-def run_prep(h5: str, seq: int, workers: int, folder: str) -> None:
+def run_prep(h5: str, seq: int, workers: int, folder: str, extra: Sequence[str] = ()) -> None:
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-        prep.main(prep_argv(h5, folder, seq, workers))
+        prep.main(prep_argv(h5, folder, seq, workers, extra))
 
 
 def speed_table(args, scratch: str) -> None:
@@ -101,16 +106,17 @@ def speed_table(args, scratch: str) -> None:
     n = len(xs)
     bare_s = best_seconds(lambda d: bare_savez(xs, d), args.repeats, scratch)
     rates: Dict[str, float] = {"bare np.savez_compressed": n / bare_s}
-    for workers in (1, 2):
-        seconds = best_seconds(lambda d: run_prep(h5, args.target_seq_len, workers, d),
+    for workers, extra in ((1, ()), (2, ()), (1, FEATURES)):
+        seconds = best_seconds(lambda d: run_prep(h5, args.target_seq_len, workers, d, extra),
                                args.repeats, scratch)
-        rates[f"prepare_kailuan_npz --workers {workers}"] = n / seconds
+        rates[f"prepare_kailuan_npz --workers {workers}" + " --features" * bool(extra)] = \
+            n / seconds
     bare = rates["bare np.savez_compressed"]
     print(f"{n} records, target_seq_len {args.target_seq_len}, best of {args.repeats}, "
           f"{os.cpu_count()} CPUs")
-    print(f"{'':36s} {'records/s':>10s} {'/ bare':>8s}")
+    print(f"{'':47s} {'records/s':>10s} {'/ bare':>8s}")
     for name, rate in rates.items():
-        print(f"{name:36s} {rate:10.1f} {rate / bare:8.2f}")
+        print(f"{name:47s} {rate:10.1f} {rate / bare:8.2f}")
     two, one = (rates[f"prepare_kailuan_npz --workers {w}"] for w in (2, 1))
     print(f"2 workers / 1 worker: {two / one:.2f}")
 

@@ -1,8 +1,11 @@
 """The numbers the benchmark scripts compute (not their timings)."""
+import json
 import math
 import os
 import sys
 
+import pandas as pd
+import pytest
 import torch
 
 from backbones import ARCHS, Net1D
@@ -55,3 +58,31 @@ def test_bench_train_prints_a_row_per_model_and_per_loader(capsys):
     params = [int(ln.split()[1].replace(",", "")) for ln in out[2:4]]
     assert params[1] > 1.8 * params[0]  # late fusion: two encoders
     assert [ln.split(":")[0] for ln in out[4:]] == ["loader"] * 3
+
+
+def test_bench_real_tiny_run_writes_one_row_per_fit_read_from_the_cv_reports(tmp_path):
+    import bench_real
+    if not os.path.isfile(bench_real.DATA):
+        pytest.skip(f"PPG-BP is not at {bench_real.DATA}")
+    out = tmp_path / "real"
+    threads = torch.get_num_threads()
+    bench_real.main(["--out", str(out), "--subjects", "12", "--folds", "2", "--epochs", "1",
+                     "--seeds", "1", "--arch", "tiny", "--workers", "1"])
+    table = pd.read_csv(out / "bench_real.csv")
+    assert list(table.columns) == bench_real.COLUMNS and table["row"].tolist() == bench_real.ROWS
+    rows = table.set_index("row")
+    pooled = json.loads((out / "cv" / "ppg_cov_seed1" / "cv_metrics.json").read_text())["pooled"]
+    assert rows.loc["train mean", "sbp_mae"] == pytest.approx(
+        pooled["baseline"]["per_target"]["sbp"]["mae"])
+    assert rows.loc["train mean", "mase"] == 1.0
+    ridge, model = rows.loc["ridge age/sex/BMI"], rows.loc["model PPG + age/sex/BMI"]
+    assert ridge["dbp_mae"] == pytest.approx(
+        pooled["covariate_baseline"]["per_target"]["dbp"]["mae"])
+    for t in ("sbp", "dbp"):
+        assert model[f"{t}_minus_ridge"] == pytest.approx(model[f"{t}_mae"] - ridge[f"{t}_mae"])
+        assert model[f"{t}_minus_ridge_lo"] <= model[f"{t}_minus_ridge_hi"]
+    assert rows.loc["model PPG", "n_seeds"] == 1 and math.isnan(rows.loc["model PPG",
+                                                                         "sbp_minus_ridge"])
+    n_feature_runs = int(rows.loc["model PPG + age/sex/BMI + PPG features", "n_seeds"])
+    assert n_feature_runs == (1 if bench_real.usable_features(str(out / "labels.csv")) else 0)
+    assert torch.get_num_threads() == threads  # --threads 1 is undone for the caller

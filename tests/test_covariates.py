@@ -13,6 +13,7 @@ import pandas as pd
 import pytest
 import torch
 
+import backbones
 import dataset
 import metrics
 import predict_bp
@@ -310,3 +311,47 @@ def test_an_identifier_column_is_refused_before_training(cohort, tmp_path):
     with pytest.raises(UserError, match="covariate name has .* distinct text values"):
         train_bp.main(argv)
     assert not (tmp_path / "out").exists()
+
+
+# ----------------------------------------------------------------------------- ridge floor
+def test_a_model_with_the_ridge_offset_starts_as_the_ridge():
+    rng = np.random.default_rng(3)
+    x, y = rng.normal(size=(40, 3)).astype(np.float32), rng.normal(120, 15, size=(40, 2))
+    ridge = metrics.fit_ridge(x, y)
+    mean, std = y.mean(axis=0), y.std(axis=0)
+    model = backbones.build_bp_model(dict(arch="tiny", modality="ecg", n_targets=2,
+                                          n_covariates=3, covariate_offset=True)).eval()
+    model.set_covariate_offset((ridge.coef / std).T, (ridge.intercept - mean) / std)
+    with torch.no_grad():
+        out = model(torch.randn(40, 1, 200), torch.from_numpy(x)).numpy() * std + mean
+    np.testing.assert_allclose(out, ridge(x), rtol=0, atol=1e-3)  # the head starts at 0
+
+
+def test_training_starts_from_the_ridge_and_keeps_it_unless_beaten(cohort, tmp_path, capsys):
+    out = tmp_path / "floor"
+    train_bp.main(cov_argv(cohort, out, "--epochs", "2", "--covariates", "age", "sex", "bmi"))
+    lines = capsys.readouterr().out.splitlines()
+    assert any(ln.startswith("epoch 0/2  the ridge on the covariates, before training")
+               for ln in lines)
+    report = json.loads((out / "final_metrics.json").read_text())
+    ridge_val = report["val"]["covariate_baseline"]["mean"]["mae"]
+    trained = pd.read_csv(out / "history.csv")["val_mae_mean"]
+    # epoch 0 is the ridge: it is best unless an epoch beat the ridge on validation
+    expected = 0 if ridge_val <= trained.min() else int(trained.idxmin()) + 1
+    assert report["best_epoch"] == expected
+    assert report["val"]["mean"]["mae"] <= ridge_val + 1e-3  # never worse than the ridge
+    ckpt = torch.load(out / "bp_best.pth", weights_only=True)
+    assert ckpt["model_config"]["covariate_offset"] and len(ckpt["ridge"]["intercept"]) == 3
+    if expected == 0:
+        for t in TARGETS:
+            assert abs(report["test"]["covariate_baseline"]["per_target"][t]
+                       ["model_mae_diff"]) < 1e-3
+
+
+def test_no_ridge_offset_trains_the_whole_mapping(cohort, tmp_path):
+    out = tmp_path / "plain"
+    train_bp.main(cov_argv(cohort, out, "--epochs", "1", "--covariates", "age",
+                           "--no_ridge_offset"))
+    ckpt = torch.load(out / "bp_best.pth", weights_only=True)
+    assert not ckpt["model_config"]["covariate_offset"] and "offset_weight" not in ckpt["model"]
+    assert ckpt["epoch"] == 1

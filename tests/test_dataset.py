@@ -143,3 +143,39 @@ def test_shard_sampler_covers_each_index_once():
     shards = [list(dataset.ShardSampler(10, rank, 3)) for rank in range(3)]
     assert shards == [[0, 3, 6, 9], [1, 4, 7], [2, 5, 8]]
     assert [len(dataset.ShardSampler(2, r, 3)) for r in range(3)] == [1, 1, 0]
+
+
+def test_augmentation_keeps_the_channels_aligned_and_depends_on_seed_epoch_record():
+    n = 1000
+    x = np.zeros((2, n), dtype=np.float32)
+    x[0, 300], x[1, 425] = 10.0, 10.0  # R peak, and the pulse 125 samples later
+    aug = dataset.Augmenter(dataset.AUGMENTATIONS, seed=5)
+    shifts = set()
+    for epoch in range(1, 6):
+        out = aug(x, index=3, epoch=epoch)
+        r, p = int(np.argmax(out[0])), int(np.argmax(out[1]))
+        assert p - r == 125  # shifted together: the delay survives
+        assert 300 - r <= int(dataset.MAX_SHIFT * n)
+        shifts.add(300 - r)
+        np.testing.assert_array_equal(out, aug(x, index=3, epoch=epoch))  # a function of
+    assert len(shifts) > 1  # (seed, epoch, index) alone, and not the same every epoch
+    assert not np.array_equal(aug(x, 3, 1), aug(x, 4, 1))
+    assert not np.array_equal(aug(x, 3, 1), dataset.Augmenter(["shift"], seed=6)(x, 3, 1))
+    gained = dataset.Augmenter(["gain"], seed=5)(x, 0, 1)
+    ratio = gained.max(axis=1) / 10.0
+    assert ((ratio >= dataset.GAIN[0]) & (ratio <= dataset.GAIN[1])).all()
+
+
+def test_datasets_augment_training_draws_only(tmp_path):
+    raw = np.random.default_rng(0).normal(size=(50, 2)).astype(np.float32)
+    np.savez(tmp_path / "a_1.npz", x=raw)
+    aug = dataset.Augmenter(["noise"], seed=1)
+    ds = dataset.BPDataset(["a_1"], str(tmp_path), np.zeros((1, 1)), (0, 1), augmenter=aug)
+    plain = dataset.model_input(raw, (0, 1), True)
+    np.testing.assert_array_equal(ds[0][0].numpy(), plain)  # an evaluation draw
+    np.testing.assert_array_equal(ds[(0, 2)][0].numpy(), aug(plain, 0, 2))  # epoch 2
+    cache = dataset.open_cache(str(tmp_path / "c"), [str(tmp_path / "a_1.npz")], 50)
+    cached = dataset.CachedBPDataset(["a_1"], cache, np.array([0]), np.zeros((1, 1)), (0, 1),
+                                     augmenter=aug)
+    np.testing.assert_array_equal(cached.__getitems__([(0, 2)])[0][0].numpy(), aug(plain, 0, 2))
+    np.testing.assert_array_equal(cached[0][0].numpy(), plain)

@@ -101,3 +101,33 @@ def test_training_takes_features_as_covariates_and_predict_computes_them(cohort,
     for t in TARGETS:
         np.testing.assert_allclose(ours.loc[kept, f"{t}_pred"], test.loc[kept, f"{t}_pred"],
                                    rtol=0, atol=MMHG_ATOL)
+
+
+def test_filter_is_stored_and_applied_alike_by_the_cache_and_predict(cohort, tmp_path):
+    argv = ["--npz_dir", cohort["npz"], "--labels_csv", cohort["labels"], "--target_cols",
+            *TARGETS, "--arch", "tiny", "--epochs", "1", "--batch_size", "8",
+            "--num_workers", "0", "--filter", "ecgfounder", "--mains_hz", "60"]
+    train_bp.main([*argv, "--out_dir", str(tmp_path / "a")])
+    train_bp.main([*argv, "--out_dir", str(tmp_path / "b"), "--cache_dir", str(tmp_path / "c")])
+    ckpt = torch.load(tmp_path / "a" / "bp_best.pth", weights_only=True)
+    assert ckpt["conditioning"] == {"filter": "ecgfounder", "fs": 200.0, "mains_hz": 60.0}
+    # the cache holds filtered records: the same numbers as filtering each npz on reading
+    assert (tmp_path / "a" / "test_predictions.csv").read_text() == \
+        (tmp_path / "b" / "test_predictions.csv").read_text()
+    out = tmp_path / "p.csv"
+    predict_bp.main(["--checkpoint", str(tmp_path / "a" / "bp_best.pth"), "--npz_dir",
+                     cohort["npz"], "--output", str(out)])
+    ours = pd.read_csv(out, dtype={"ssoid": str}).set_index("ssoid")
+    test = pd.read_csv(tmp_path / "a" / "test_predictions.csv", dtype={"ssoid": str})
+    for t in TARGETS:
+        np.testing.assert_allclose(ours.loc[test["ssoid"], f"{t}_pred"], test[f"{t}_pred"],
+                                   rtol=0, atol=MMHG_ATOL)
+
+
+def test_filter_needs_a_sampling_rate(tmp_path, capsys):
+    plain = prepared_cohort(tmp_path, 6, 1, 3, TARGETS, 300)
+    assert run_cli(train_bp.main, ["--npz_dir", plain["npz"], "--labels_csv", plain["labels"],
+                                   "--out_dir", str(tmp_path / "run"), "--target_cols",
+                                   *TARGETS, "--filter", "ecgfounder"]) == 2
+    assert "--filter ecgfounder needs the records' sampling rate" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()

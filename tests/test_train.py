@@ -146,10 +146,11 @@ TIMING = ["seconds", "train_records_per_s"]
 
 
 def test_kill_and_resume_ends_with_the_same_numbers_with_loader_workers(cohort, tmp_path):
-    # DataLoader workers and dropout: the loaders draw from their own generators and every
-    # RNG state is restored, so the resumed run repeats the uninterrupted one bit for bit
+    # DataLoader workers, dropout and augmentation: the loaders draw from their own
+    # generators, augmentation from (seed, epoch, record), and every RNG state is restored,
+    # so the resumed run repeats the uninterrupted one bit for bit
     # (same machine, same settings: the same kernels see the same batches)
-    workers = ("--epochs", "4", "--num_workers", "2", "--dropout", "0.3")
+    workers = ("--epochs", "4", "--num_workers", "2", "--dropout", "0.3", "--augment", "all")
     straight = tmp_path / "straight"
     train_bp.main(train_argv(cohort, straight, *workers))
     killed = tmp_path / "killed"
