@@ -578,6 +578,16 @@ def check_outputs(output_npz: str, output_csv: str) -> None:
                             f"(its first line is not '{header}...'); choose another path")
 
 
+def settings_changes(path: str, settings: dict) -> str:
+    """``"key old -> new; ..."`` for each of ``settings`` that the JSON file ``path`` (a
+    manifest or labels settings written by an earlier run) holds otherwise; "" when none.
+    The input file's path may change (a moved cohort is the same input)."""
+    with open(path, encoding="utf-8") as fh:
+        old = _as_now(json.load(fh))
+    return "; ".join(f"{k} {old.get(k)} -> {v}" for k, v in settings.items()
+                     if k != "h5_path" and old.get(k) != v)
+
+
 def check_labels_settings(output_csv: str, settings: dict, overwrite: bool) -> None:
     """An existing labels CSV is rewritten only by a run with the same input and settings
     (a re-run that finishes an interrupted one), or with ``--overwrite``."""
@@ -588,11 +598,8 @@ def check_labels_settings(output_csv: str, settings: dict, overwrite: bool) -> N
         raise UserError(f"--output_csv {output_csv} already exists and {path}, which says how "
                         f"it was made, does not; add --overwrite to replace it, or choose "
                         f"another --output_csv")
-    with open(path, encoding="utf-8") as fh:
-        old = _as_now(json.load(fh))
-    changed = [k for k in settings if k != "h5_path" and old.get(k) != settings[k]]
-    if changed:
-        what = "; ".join(f"{k} {old.get(k)} -> {settings[k]}" for k in changed)
+    what = settings_changes(path, settings)
+    if what:
         raise UserError(f"--output_csv {output_csv} was made with other input or settings "
                         f"({what}); add --overwrite to replace it, or choose another "
                         f"--output_csv")
@@ -639,11 +646,8 @@ def existing_npz(output_npz: str, manifest: dict) -> set:
     if not os.path.isfile(path):
         raise UserError(f"--output_npz {output_npz} already holds {len(stems)} .npz files that "
                         f"this script did not write; choose an empty or new folder")
-    with open(path, encoding="utf-8") as fh:
-        old = _as_now(json.load(fh))
-    changed = [k for k in manifest if k != "h5_path" and old.get(k) != manifest[k]]
-    if changed:
-        what = ", ".join(f"{k} {old.get(k)} -> {manifest[k]}" for k in changed)
+    what = settings_changes(path, manifest)
+    if what:
         raise UserError(f"--output_npz {output_npz} holds {len(stems)} .npz files made from "
                         f"another input or settings ({what}); choose a new folder or empty it")
     return stems
