@@ -313,7 +313,6 @@ def folder_channels(args) -> List[str]:
 def check_files(args, rows: pd.DataFrame) -> Tuple[pd.DataFrame, int, pd.DataFrame]:
     """Rows whose npz passed the check, the common length, and the skipped table."""
     good, length, skipped = dataset.check_records(list(rows["ssoid"]), args.npz_dir,
-                                                  workers=max(1, args.num_workers),
                                                   channels=folder_channels(args))
     if len(skipped):
         print(f"npz check: skipping {len(skipped)} bad records (listed in skipped_records.csv)")

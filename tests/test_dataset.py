@@ -34,7 +34,7 @@ def records(tmp_path):
 
 def test_check_records_lists_each_bad_file_with_its_reason(records):
     ids = ["s0_0", "s1_0", "s9_nan", "s9_shape", "s9_short", "s9_junk", "s9_cut", "s2_0"]
-    good, length, skipped = dataset.check_records(ids, records, workers=2)
+    good, length, skipped = dataset.check_records(ids, records)
     assert good == ["s0_0", "s1_0", "s2_0"] and length == 50
     assert list(skipped.columns) == ["ssoid", "path", "reason"]
     reasons = dict(zip(skipped["ssoid"], skipped["reason"]))
