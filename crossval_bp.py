@@ -203,9 +203,7 @@ def print_summary(report: dict, out_dir: str) -> None:
                 f"{across['per_target'][c]['mae_sd']:9.2f}"
                 f"{pooled['baseline']['per_target'][c]['mae']:10.2f}")
         if cov:
-            r = cov["per_target"][c]
-            dlo, dhi = r["model_mae_diff_ci95"]
-            line += f"{r['mae']:11.2f}{r['model_mae_diff']:+12.2f} [{dlo:+.2f}, {dhi:+.2f}]"
+            line += train_bp.ridge_cells(cov["per_target"][c])
         print(line)
     print(f"outputs in {out_dir}: cv_predictions.csv, cv_metrics.json, plots/, fold_<i>/")
 

@@ -599,6 +599,13 @@ def epoch_line(epoch: int, epochs: int, row: dict, target_cols, best: bool) -> s
             + ("  *best*" if best else ""))
 
 
+def ridge_cells(ridge: dict) -> str:
+    """A table's ridge columns for one target of a ``covariate_baseline`` block: its MAE
+    and the model-minus-ridge MAE with its 95 % interval."""
+    lo, hi = ridge["model_mae_diff_ci95"]
+    return f"{ridge['mae']:11.2f}{ridge['model_mae_diff']:+12.2f} [{lo:+.2f}, {hi:+.2f}]"
+
+
 def print_test_table(block: dict, target_cols: Sequence[str]) -> None:
     """Test metrics beside the train-mean predictor and, with covariates, the ridge
     baseline and the model-minus-ridge MAE with its 95 % subject-bootstrap interval."""
@@ -612,9 +619,7 @@ def print_test_table(block: dict, target_cols: Sequence[str]) -> None:
         line = (f"{c:<16}{m['mae']:8.2f}{m['rmse']:8.2f}{m['me']:8.2f}{m['sd']:8.2f}"
                 f"{m['pearson']:7.3f}{m['r2']:7.3f}{b['mae']:10.2f}")
         if cov:
-            r = cov["per_target"][c]
-            lo, hi = r["model_mae_diff_ci95"]
-            line += f"{r['mae']:11.2f}{r['model_mae_diff']:+12.2f} [{lo:+.2f}, {hi:+.2f}]"
+            line += ridge_cells(cov["per_target"][c])
         print(line)
     m, b = block["mean"], block["baseline"]["mean"]
     print(f"{'mean':<16}{m['mae']:8.2f}{m['rmse']:8.2f}{'':>8}{'':>8}{m['pearson']:7.3f}"
