@@ -223,7 +223,8 @@ def split_metrics(y_true: np.ndarray, y_pred: np.ndarray, subjects: Sequence,
 
     ``y_true``/``y_pred``: (N, T) in mmHg; ``subjects``: (N,) subject of each record;
     ``train_mean``: (T,) train-split mean of each target, the baseline's constant
-    prediction (or (N, T) per-record baseline predictions, as ``calibrated_block`` uses); ``covariate_pred`` (N, T), the ridge-on-covariates predictions, adds the
+    prediction (or (N, T) per-record baseline predictions, as ``calibrated_block`` uses);
+    ``covariate_pred`` (N, T), the ridge-on-covariates predictions, adds the
     ``covariate_baseline`` block. All intervals come from one subject bootstrap. Raises
     ``ValueError`` for mismatched shapes, no records or non-finite values.
     """

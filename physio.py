@@ -44,7 +44,11 @@ A signal's beats are accepted only with at least 3 detections, a median inter-be
 signal counts as having no beats (n_beats 0 and every feature derived from it NaN, its SQI
 included), since the detectors also "find" beats in noise: band-limited and white noise scores
 up to 0.70 (150 draws at 125-500 Hz), while clean synthetic and ICU signals score 0.84-1.00 and
-the ICU windows below 0.8 are artefact (Orphanidou et al. 2015 accept from 0.86). A signal that
+the ICU windows below 0.8 are artefact (Orphanidou et al. 2015 accept from 0.86). A record too
+short for 3 whole beats (shorter than 4 median intervals, such as 2.1 s segments) needs only 2
+detections, still with an SQI of at least 0.8: that of two beats (below); 2.1 s of band-limited
+noise then passes in up to 6 % of draws (0 % in 15 s records), so features of such short
+records are only as trustworthy as the recording, and one beat is never enough. A signal that
 is None, empty, shorter than 1 s, not finite everywhere, or flat is treated the same way. Nothing
 here raises for such signals; invalid arguments (fs <= 0 for a given signal, an unknown kind, a
 signal that is not one 1-D row) raise ValueError.
@@ -66,9 +70,13 @@ three counts are 0 then):
   Mukkamala et al. 2015).
 - ``sqi_ecg``, ``sqi_ppg`` in [0, 1]: template matching (Orphanidou et al. 2015): the mean
   Pearson correlation of each beat with the sample-wise median beat, clipped at 0; NaN with fewer
-  than 3 whole beats. ECG beats: windows of the median R-R length centred on the R peaks. PPG
-  beats: from 10 % of the median foot-to-foot interval before each (sub-sample) foot to the next
-  foot, linearly interpolated; the same segments make the median pulse below.
+  than 2 whole beats. Two beats: the correlation between them (each against their mean would
+  score about 0.71 for two unrelated segments). ECG beats: windows of the median R-R length
+  centred on the R peaks. PPG beats: from 10 % of the median foot-to-foot interval before each
+  (sub-sample) foot to the next foot, linearly interpolated; the same segments make the median
+  pulse below (one whole pulse is its own median). When only the first pulse is whole and the
+  record ends inside the second, after at least half a pulse, the two are compared over the
+  part both have.
 - ``n_beats_ecg``, ``n_beats_ppg``: accepted R peaks and systolic peaks.
 - ``ppg_rate_bpm``: 60000 / median systolic peak-to-peak interval (same 300-2000 ms rule).
 PPG morphology, on the median pulse after subtracting the straight line through its foot and its
@@ -105,6 +113,7 @@ band-pass removes).
 from __future__ import annotations
 
 import functools
+import warnings
 from dataclasses import dataclass, field
 from typing import Dict, Optional, Tuple
 
@@ -242,23 +251,33 @@ def _segments(signal: np.ndarray, starts: np.ndarray, length: int) -> np.ndarray
 
 def template_sqi(segments: np.ndarray) -> Tuple[float, np.ndarray]:
     """(SQI, median beat): mean Pearson correlation of each beat (row) with the sample-wise
-    median beat, clipped at 0; (NaN, empty) with fewer than ``MIN_BEATS`` rows."""
-    if len(segments) < MIN_BEATS or segments.shape[1] < 3:
+    median beat, clipped at 0. Two beats: the correlation between them instead (either beat
+    against their mean scores about 0.71 for two unrelated segments). One beat: NaN and the
+    beat itself; none: (NaN, empty)."""
+    if not len(segments) or segments.shape[1] < 3:
         return np.nan, np.zeros(0)
     template = np.median(segments, axis=0)
+    if len(segments) == 1:
+        return np.nan, template
     a = segments - segments.mean(axis=1, keepdims=True)
-    b = template - template.mean()
+    b = a[1] if len(segments) == 2 else template - template.mean()
+    a = a[:1] if len(segments) == 2 else a
     denom = np.sqrt((a * a).sum(axis=1) * (b * b).sum())
     r = np.divide((a * b).sum(axis=1), denom, out=np.zeros(len(a)), where=denom > 0)
     return float(np.clip(r.mean(), 0.0, 1.0)), template
 
 
-def _accepted(beats: Beats) -> Beats:
-    """``beats`` if they pass the acceptance rule of the module docstring, else no beats."""
-    if len(beats.peaks) < MIN_BEATS or not beats.sqi >= MIN_SQI:
+def _accepted(beats: Beats, n_samples: int) -> Beats:
+    """``beats`` if they pass the acceptance rule of the module docstring, else no beats;
+    ``n_samples``: the length of the signal they were found in."""
+    if len(beats.peaks) < 2:
         return Beats(beats.fs)
-    median_ibi = np.median(np.diff(beats.peaks)) * (1000.0 / beats.fs)
-    return beats if np.isfinite(plausible_ms(median_ibi)) else Beats(beats.fs)
+    median_ibi = np.median(np.diff(beats.peaks))
+    if not np.isfinite(plausible_ms(median_ibi * 1000.0 / beats.fs)):
+        return Beats(beats.fs)
+    short = n_samples < (MIN_BEATS + 1) * median_ibi  # too short for MIN_BEATS whole beats
+    enough = len(beats.peaks) >= (2 if short else MIN_BEATS)
+    return beats if enough and beats.sqi >= MIN_SQI else Beats(beats.fs)
 
 
 def upright(clean: np.ndarray, fs: float) -> np.ndarray:
@@ -279,14 +298,16 @@ def ecg_beats(ecg, fs: float, mains_hz: Optional[float] = 50.0) -> Beats:
     if x is None:
         return Beats(fs)
     clean = upright(condition(x, fs, "ecg", mains_hz), fs)
-    peaks = np.asarray(_neurokit().ecg_findpeaks(clean, sampling_rate=fs, method="neurokit")
-                       ["ECG_R_Peaks"], dtype=np.float64)
+    with warnings.catch_warnings():  # "Mean of empty slice" where no QRS crosses its threshold
+        warnings.simplefilter("ignore", RuntimeWarning)
+        peaks = _neurokit().ecg_findpeaks(clean, sampling_rate=fs, method="neurokit")
+    peaks = np.asarray(peaks["ECG_R_Peaks"], dtype=np.float64)
     beats = Beats(fs, peaks=peaks)
     ibi = beats.intervals_ms()
     if np.isfinite(ibi).any():
         length = int(round(np.nanmedian(ibi) * fs / 1000.0))
         beats.sqi, beats.template = template_sqi(_segments(clean, peaks - length // 2, length))
-    return _accepted(beats)
+    return _accepted(beats, len(x))
 
 
 def tangent_feet(clean: np.ndarray, peaks: np.ndarray, fs: float) -> np.ndarray:
@@ -334,8 +355,12 @@ def ppg_beats(ppg, fs: float) -> Beats:
         length = int(round(np.nanmedian(f2f) * fs / 1000.0))
         pre = int(round(PRE_FOOT * length))
         beats.template_foot = pre
-        beats.sqi, beats.template = template_sqi(_segments(clean, feet - pre, pre + length + 1))
-    return _accepted(beats)
+        rows = _segments(clean, feet - pre, pre + length + 1)
+        beats.sqi, beats.template = template_sqi(rows)
+        common = len(clean) - int(np.ceil(feet[1] - pre))
+        if len(rows) == 1 and common >= rows.shape[1] // 2:  # the record ends in pulse 2
+            beats.sqi = template_sqi(_segments(clean, feet[:2] - pre, common))[0]
+    return _accepted(beats, len(x))
 
 
 # ----------------------------------------------------------------------------- features

@@ -11,7 +11,7 @@ from scipy.integrate import trapezoid
 
 import make_synthetic_cohort
 import physio
-from conftest import DATA
+from conftest import DATA, ROOT
 
 ECG_FEATURES = ("hr_bpm", "hrv_sdnn_ms", "hrv_rmssd_ms", "pat_foot_ms", "pat_peak_ms",
                 "sqi_ecg")
@@ -179,6 +179,40 @@ def test_a_ppg_only_record_has_no_ecg_features_but_its_pulse_rate(tmp_path):
                                                  "ppg_area_ratio", "ppg_b_a"))
 
 
+def test_a_record_too_short_for_three_beats_is_judged_on_two(tmp_path):
+    # 2.5 s windows of clean synthetic PPG (one or two whole pulses) have beats and a pulse
+    # rate near the truth; 2.1 s of noise rarely passes (the SQI of two beats is their
+    # correlation, measured 0-6 % of draws; 0 % in 15 s records, see the test above)
+    path = str(tmp_path / "c.h5")
+    make_synthetic_cohort.make_cohort(path, n_subjects=20, records_per_subject=1, seed=5)
+    with h5py.File(path) as f:
+        ppg, hr, secs = f["signals/ppg"][:], f["truth/hr_bpm"][:], f["truth/duration_s"][:]
+    rates = np.array([physio.record_features(None, p[:int(2.5 * len(p) / s)], None,
+                                             len(p) / s)["ppg_rate_bpm"]
+                      for p, s in zip(ppg, secs)])
+    found = np.isfinite(rates)
+    assert found.mean() >= 0.7, rates
+    assert np.abs(rates[found] - hr[found]).max() < 5.0
+    rng = np.random.default_rng(0)
+    lowpass = scipy.signal.butter(2, 5.0, fs=500.0, output="sos")
+    noise = [scipy.signal.sosfilt(lowpass, rng.standard_normal(1050)) for _ in range(50)]
+    passed = [physio.record_features(x, x, 500.0, 500.0)["n_beats_ppg"] > 0 for x in noise]
+    assert np.mean(passed) <= 0.1
+
+
+def test_ppgbp_short_segments_give_a_pulse_rate_near_the_databases_heart_rate():
+    path = os.path.join(ROOT, "..", "shared", "data", "ppgbp",
+                        "ppgbp_liang2018_vejovis_processed_1kHz.npz")
+    if not os.path.isfile(path):
+        pytest.skip(f"PPG-BP is not at {path}")
+    with np.load(path) as d:
+        ppg, hr, fs = d["ppg"][:60], d["hr"][:60], float(d["fs"])
+    rates = np.array([physio.record_features(None, p, None, fs)["ppg_rate_bpm"] for p in ppg])
+    found = np.isfinite(rates)
+    assert found.mean() >= 0.6  # 2.1 s each: one or two whole pulses
+    assert np.mean(np.abs(rates[found] - hr[found]) < 10.0) >= 0.85
+
+
 # ----------------------------------------------------------------------------- filters
 def _gain(f_hz, fs, kind, **kwargs):
     """Amplitude of a unit sine after ``condition``, fitted over the middle half of 40 s."""
@@ -262,7 +296,11 @@ def test_template_sqi_is_the_mean_correlation_with_the_median_beat():
     sqi, template = physio.template_sqi(beats)
     np.testing.assert_allclose(template, np.median(beats, axis=0))
     assert sqi == pytest.approx(np.mean([np.corrcoef(b, template)[0, 1] for b in beats]))
-    assert math.isnan(physio.template_sqi(beats[:2])[0])
+    # two beats: their correlation; one beat: no SQI, the beat itself as the template
+    assert physio.template_sqi(beats[:2])[0] == pytest.approx(
+        np.corrcoef(beats[0], beats[1])[0, 1])
+    sqi, template = physio.template_sqi(beats[:1])
+    assert math.isnan(sqi) and np.array_equal(template, beats[0])
     # four beats, two of them inverted: the median beat is flat, the correlation 0
     assert physio.template_sqi(np.stack([beat, beat, -beat, -beat]))[0] == 0.0
 
