@@ -49,7 +49,6 @@ from typing import Dict, List, Optional
 import h5py
 import numpy as np
 import pandas as pd
-import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -96,7 +95,7 @@ def get_args_parser() -> ArgumentParser:
     p.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
                    help="prepare_kailuan_npz.py --workers")
     p.add_argument("--threads", type=int, default=1,
-                   help="torch CPU threads for training (0: torch's default). One thread "
+                   help="train_bp.py --threads (0: torch's default). One thread "
                         "is about as fast for a small model and stays fast when another job "
                         "shares the cores, where two threads measured 10-25x slower")
     return p
@@ -175,7 +174,8 @@ def run_cv(args, paths: Dict[str, str], name: str, flags: List[str], seed: int) 
     crossval_bp.main(["--folds", str(args.folds), "--out_dir", out, "--npz_dir", paths["npz"],
                       "--labels_csv", paths["labels"], "--target_cols", *TARGETS,
                       "--arch", args.arch, "--epochs", str(args.epochs), "--seed", str(seed),
-                      *TRAIN_FLAGS, "--batch_size", str(args.batch_size), *flags,
+                      *TRAIN_FLAGS, "--batch_size", str(args.batch_size),
+                      "--threads", str(args.threads), *flags,
                       *shlex.split(args.train_args)])
     with open(os.path.join(out, "cv_metrics.json"), encoding="utf-8") as fh:
         return json.load(fh)["pooled"]
@@ -256,12 +256,7 @@ def main(argv=None) -> None:
                              ("--batch_size", args.batch_size, 1), ("--threads", args.threads, 0)):
         if value < low:
             raise UserError(f"{flag} must be at least {low}, got {value}")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(args.threads or threads)
-    try:
-        run(args)
-    finally:  # as it was, for a caller in the same process
-        torch.set_num_threads(threads)
+    run(args)
 
 
 def run(args) -> None:

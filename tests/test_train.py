@@ -252,6 +252,7 @@ BAD_INPUTS = {
                             "--val_ratio must be above 0"),
     "no test split": (lambda c, t: {"--test_ratio": ["0"]}, "--test_ratio must be above 0"),
     "zero accum steps": (lambda c, t: {"--accum_steps": ["0"]}, "--accum_steps must be at least 1"),
+    "negative threads": (lambda c, t: {"--threads": ["-1"]}, "--threads must be 0 or more"),
 }
 
 
