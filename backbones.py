@@ -740,6 +740,12 @@ def load_pretrained(model: BPModel, path: str, trust: bool = False,
     report["head"] = (_load_head(model, ckpt, rest, target_cols, stats)
                       if layout == "project"
                       else {"loaded": 0, "reason": "the file has no head"})
+    if layout == "project" and stats is not None \
+            and ckpt.get("conditioning") != stats.get("conditioning"):
+        report["warning"] = (f"{path} was trained on records filtered "
+                             f"{_filter_name(ckpt.get('conditioning'))}, this run filters "
+                             f"{_filter_name(stats.get('conditioning'))}: give train_bp.py "
+                             f"--filter as in that run")
     if verbose:
         print(format_report(report))
     return report
@@ -756,7 +762,14 @@ def format_report(report: dict) -> str:
                      f"{len(enc['missing'])} missing, {len(enc['unexpected'])} unexpected, "
                      f"{len(enc['mismatched'])} shape-mismatched{widened}")
     lines.append(f"  head: {report['head']['loaded']} loaded ({report['head']['reason']})")
+    if "warning" in report:
+        lines.append(f"warning: {report['warning']}")
     return "\n".join(lines)
+
+
+def _filter_name(conditioning: Optional[Mapping]) -> str:
+    """A checkpoint's ``conditioning`` in words: 'none' or 'ecgfounder at 500 Hz'."""
+    return f"{conditioning['filter']} at {conditioning['fs']:g} Hz" if conditioning else "none"
 
 
 def count_parameters(module: nn.Module) -> Tuple[int, int]:

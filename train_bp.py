@@ -98,12 +98,15 @@ def get_args_parser() -> utils.ArgumentParser:
                            "one-point 'calibrated' metrics (default: ssoid order)")
     data.add_argument("--no_zscore", action="store_true",
                       help="feed raw signals instead of per-record, per-channel z-scored ones")
-    data.add_argument("--filter", default="none", choices=dataset.FILTERS,
+    data.add_argument("--filter", default="auto", choices=("auto",) + dataset.FILTERS,
                       help="band-pass each record before z-scoring: ecgfounder = ECGFounder's "
                            "pre-training preprocessing of the ECG (0.67-40 Hz, mains notch) "
                            "and 0.5-8 Hz for the PPG; needs the records' sampling rate "
-                           "(prep's --record_seconds or --fs_ecg/--fs_ppg). Stored in the "
-                           "checkpoint; predict_bp.py filters alike")
+                           "(prep's --record_seconds or --fs_ecg/--fs_ppg). auto: ecgfounder "
+                           "with --pretrain when the rate is known (the encoder then sees "
+                           "inputs like its pre-training's), else none (from a random start "
+                           "the two measured alike). Stored in the checkpoint; predict_bp.py "
+                           "filters alike")
     data.add_argument("--mains_hz", type=float, default=50.0,
                       help="mains frequency notched out of the ECG by --filter ecgfounder")
     data.add_argument("--augment", nargs="+", default=[],
@@ -680,14 +683,24 @@ def load_data(args):
 
 
 def conditioning_of(args, sample_rate: Optional[float]) -> Optional[dict]:
-    """``dataset.model_input``'s conditioning for --filter (None for ``none``)."""
-    if args.filter == "none":
+    """``dataset.model_input``'s conditioning for --filter (None for ``none``); ``auto`` is
+    ``ecgfounder`` with --pretrain and a known sampling rate, else ``none``."""
+    if args.filter == "auto":
+        if args.pretrain and not sample_rate:
+            print(f"warning: --filter auto stays none: {args.npz_dir} records no sampling "
+                  f"rate, so the pre-trained encoder sees unfiltered records (prepare them "
+                  f"with --record_seconds or --fs_ecg/--fs_ppg)")
+        if not (args.pretrain and sample_rate):
+            return None
+        print("--filter auto: ecgfounder (ECGFounder's pre-training band-pass, as --pretrain "
+              "is given; --filter none to skip it)")
+    elif args.filter == "none":
         return None
     if not sample_rate:
         raise UserError(f"--filter {args.filter} needs the records' sampling rate, which "
                         f"{args.npz_dir} does not record: prepare them with --record_seconds "
                         f"or --fs_ecg/--fs_ppg")
-    return {"filter": args.filter, "fs": sample_rate, "mains_hz": args.mains_hz}
+    return {"filter": "ecgfounder", "fs": sample_rate, "mains_hz": args.mains_hz}
 
 
 def start_on_rank0(args, dist: utils.DistInfo):

@@ -124,6 +124,31 @@ def test_filter_is_stored_and_applied_alike_by_the_cache_and_predict(cohort, tmp
                                    rtol=0, atol=MMHG_ATOL)
 
 
+def test_filter_auto_follows_the_pretrained_encoder(cohort, tmp_path, capsys):
+    argv = ["--npz_dir", cohort["npz"], "--labels_csv", cohort["labels"], "--target_cols",
+            *TARGETS, "--arch", "tiny", "--epochs", "1", "--batch_size", "8",
+            "--num_workers", "0"]
+    train_bp.main([*argv, "--out_dir", str(tmp_path / "scratch")])  # --filter auto
+    first = tmp_path / "scratch" / "bp_best.pth"
+    assert torch.load(first, weights_only=True)["conditioning"] is None
+    capsys.readouterr()
+    train_bp.main([*argv, "--out_dir", str(tmp_path / "tuned"), "--pretrain", str(first)])
+    out = capsys.readouterr().out
+    assert torch.load(tmp_path / "tuned" / "bp_best.pth", weights_only=True)["conditioning"] \
+        == {"filter": "ecgfounder", "fs": 200.0, "mains_hz": 50.0}
+    assert "--filter auto: ecgfounder" in out
+    assert (f"warning: {first} was trained on records filtered none, this run filters "
+            f"ecgfounder at 200 Hz: give train_bp.py --filter as in that run") in out
+    # records without a sampling rate stay unfiltered, with a warning
+    plain = prepared_cohort(tmp_path, 6, 1, 3, TARGETS, 400)
+    train_bp.main(["--npz_dir", plain["npz"], "--labels_csv", plain["labels"], "--target_cols",
+                   *TARGETS, "--arch", "tiny", "--epochs", "1", "--num_workers", "0",
+                   "--out_dir", str(tmp_path / "plain"), "--pretrain", str(first)])
+    assert "warning: --filter auto stays none" in capsys.readouterr().out
+    assert torch.load(tmp_path / "plain" / "bp_best.pth",
+                      weights_only=True)["conditioning"] is None
+
+
 def test_filter_needs_a_sampling_rate(tmp_path, capsys):
     plain = prepared_cohort(tmp_path, 6, 1, 3, TARGETS, 300)
     assert run_cli(train_bp.main, ["--npz_dir", plain["npz"], "--labels_csv", plain["labels"],
