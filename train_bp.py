@@ -109,14 +109,16 @@ def get_args_parser() -> utils.ArgumentParser:
                            "filters alike")
     data.add_argument("--mains_hz", type=float, default=50.0,
                       help="mains frequency notched out of the ECG by --filter ecgfounder")
-    data.add_argument("--augment", nargs="+", default=[],
-                      choices=(*dataset.AUGMENTATIONS, "all"), metavar="PART",
+    data.add_argument("--augment", nargs="+", default=["all"],
+                      choices=(*dataset.AUGMENTATIONS, "all", "none"), metavar="PART",
                       help="training-time augmentation (evaluation and prediction see the "
                            "whole record): shift (drop up to 10%% of the record's start from "
                            "both channels alike, so the ECG-to-PPG delay survives), gain "
                            "(x0.8-1.25 per channel), noise (SD 0.05 after z-scoring), wander "
-                           "(a slow sine of up to 0.2); 'all' for every part. Draws depend on "
-                           "--seed, the epoch and the record only, so resume stays exact")
+                           "(a slow sine of up to 0.2); 'all' for every part (the default: "
+                           "it helped a little on the synthetic cohort and on PPG-BP), 'none' "
+                           "for none. Draws depend on --seed, the epoch and the record only, "
+                           "so resume stays exact")
     data.add_argument("--cache_dir", default=None,
                       help="pack the checked records, ready for the model, into one float32 "
                            "memory-mapped file here (built once, reused by later runs): "
@@ -225,8 +227,13 @@ def parse_args(argv: Optional[Sequence[str]]):
                         f"not a covariate")
     if args.subject_col in args.target_cols:
         raise UserError(f"--subject_col: {args.subject_col} is a target, not a subject")
+    if "none" in args.augment and len(args.augment) > 1:
+        raise UserError(f"--augment none cannot be combined with other parts, got "
+                        f"{' '.join(args.augment)}")
     if "all" in args.augment:
         args.augment = list(dataset.AUGMENTATIONS)
+    elif "none" in args.augment:
+        args.augment = []
     if args.modality != "both":
         args.fusion = "none"
     return args

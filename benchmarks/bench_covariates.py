@@ -1,6 +1,7 @@
 """What each source of information is worth: the signals, the demographics (age, sex,
-BMI), the physiological features of physio.py (pulse arrival time, heart rate, ...), and the
-ECGFounder signal conditioning, beside the train mean and ridge regressions, over seeds.
+BMI), the physiological features of physio.py (pulse arrival time, heart rate, ...), the
+ECGFounder signal conditioning and training-time augmentation, beside the train mean and
+ridge regressions, over seeds.
 
     python benchmarks/bench_covariates.py --out bench_out/covariates --seeds 1 2 3
 
@@ -30,6 +31,7 @@ PHYSIOLOGY = DEMOGRAPHICS + ["pat_foot_ms", "hr_bpm"]
 SETUPS = {
     "signals only": ["--modality", "both"],
     "signals only, --filter ecgfounder": ["--modality", "both", "--filter", "ecgfounder"],
+    "signals only, --augment none": ["--modality", "both", "--augment", "none"],
     "age/sex/BMI only": ["--modality", "none", "--covariates", *DEMOGRAPHICS],
     "age/sex/BMI + PAT/HR only": ["--modality", "none", "--covariates", *PHYSIOLOGY],
     "signals + age/sex/BMI": ["--modality", "both", "--covariates", *DEMOGRAPHICS],

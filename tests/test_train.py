@@ -253,6 +253,8 @@ BAD_INPUTS = {
     "no test split": (lambda c, t: {"--test_ratio": ["0"]}, "--test_ratio must be above 0"),
     "zero accum steps": (lambda c, t: {"--accum_steps": ["0"]}, "--accum_steps must be at least 1"),
     "negative threads": (lambda c, t: {"--threads": ["-1"]}, "--threads must be 0 or more"),
+    "augment none and more": (lambda c, t: {"--augment": ["none", "gain"]},
+                              "--augment none cannot be combined with other parts"),
 }
 
 
