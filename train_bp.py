@@ -650,6 +650,7 @@ def run_line(args) -> str:
     return (f"git {git_revision()}  torch {torch.__version__}  model {model}  "
             f"targets {' '.join(args.target_cols)}"
             + (f"  covariates {' '.join(args.covariates)}" if args.covariates else "")
+            + f"  augment {' '.join(args.augment) or 'none'}"
             + f"  epochs {args.epochs}  seed {args.seed}  out_dir {args.out_dir} "
               f"(every argument: args.json there)")
 
