@@ -64,9 +64,11 @@ def get_args_parser() -> utils.ArgumentParser:
     p.add_argument("--ppg_key", default=prep.PPG_KEY,
                    help="with --h5_path: HDF5 dataset of the PPG rows")
     prep.add_time_base_flags(p)
-    p.add_argument("--mains_hz", type=float, default=50.0,
+    p.add_argument("--mains_hz", type=float, default=None,
                    help="with --h5_path and a model that takes physiological features: the "
-                        "mains frequency, as given to prepare_kailuan_npz.py --features")
+                        "mains frequency notched before R-peak detection (default: the one "
+                        "prepare_kailuan_npz.py used for the training records, kept in the "
+                        "checkpoint; 50 when it is not known)")
     p.add_argument("--batch_size", type=int, default=64,
                    help="records per forward pass (memory grows with it)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
@@ -217,6 +219,8 @@ def h5_batches(args, ckpt: dict, skipped: list, filled: Counter,
     if features and not ckpt.get("sample_rate_hz"):
         raise UserError(f"the model in {args.checkpoint} takes physiological features but "
                         f"records no sampling rate to compute them at")
+    mains_hz = next(m for m in (args.mains_hz, ckpt.get("features_mains_hz"), 50.0)
+                    if m is not None)
     records = prep.iter_records(args.h5_path, args.id_key,
                                 meta_fields=metadata_covariates(ckpt),
                                 meta_group=args.meta_group, ecg_key=args.ecg_key,
@@ -245,7 +249,7 @@ def h5_batches(args, ckpt: dict, skipped: list, filled: Counter,
                 continue
             if features:
                 rate = ckpt["sample_rate_hz"]
-                rec.meta.update(prep.x_features(x, rate, args.mains_hz))
+                rec.meta.update(prep.x_features(x, rate, mains_hz))
             recs.append(rec)
             xs.append(dataset.model_input(x, channels, ckpt["zscore"], ckpt.get("conditioning")))
             if len(recs) == args.batch_size:

@@ -24,6 +24,7 @@ statistics and any checkpoint to the other ranks, so they need only --npz_dir (a
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import subprocess
@@ -44,7 +45,7 @@ import losses
 import metrics
 import plot_results
 import utils
-from prepare_kailuan_npz import DIGEST_COLUMN
+from prepare_kailuan_npz import DIGEST_COLUMN, settings_path
 from utils import UserError
 
 CONSTRAINS = ("none", "clip", "sigmoid", "tanh")
@@ -681,6 +682,7 @@ def load_data(args):
     # how the records are filtered before z-scoring
     stats["sample_rate_hz"] = utils.npz_sample_rate(args.npz_dir)
     stats["conditioning"] = conditioning_of(args, stats["sample_rate_hz"])
+    stats["features_mains_hz"] = features_mains_hz(args.labels_csv)
     if args.covariates:
         filled = dataset.encode_covariates(rows, stats["covariates"])[1]
         print("covariates (encoded from the train split):\n"
@@ -688,6 +690,21 @@ def load_data(args):
               + "".join(f"\n  {name}: {n} of {len(rows)} values missing or unseen in training"
                         for name, n in filled.items() if n))
     return rows, seq_len, skipped, stats, audit
+
+
+def features_mains_hz(labels_csv: str) -> Optional[float]:
+    """The --mains_hz with which prep computed the labels CSV's physiological features (from
+    its ``<stem>_prepare.json``; predict_bp.py --h5_path computes them alike), None when it
+    computed none or that file is absent."""
+    path = settings_path(labels_csv)
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as fh:
+            settings = json.load(fh)
+    except (OSError, ValueError) as err:
+        raise UserError(f"{path} (prep's settings for --labels_csv) is unreadable: {err}")
+    return settings.get("mains_hz") if settings.get("features") else None
 
 
 def conditioning_of(args, sample_rate: Optional[float]) -> Optional[dict]:

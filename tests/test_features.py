@@ -1,7 +1,10 @@
 """prepare_kailuan_npz.py --features (physio.py's columns in the labels CSV) against the
 synthetic cohort's truth and real ICU windows, and the features as covariates in training
 and in predict_bp.py --h5_path."""
+import json
 import os
+import shutil
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -101,6 +104,44 @@ def test_training_takes_features_as_covariates_and_predict_computes_them(cohort,
     for t in TARGETS:
         np.testing.assert_allclose(ours.loc[kept, f"{t}_pred"], test.loc[kept, f"{t}_pred"],
                                    rtol=0, atol=MMHG_ATOL)
+
+
+def test_predict_computes_features_with_the_mains_frequency_prep_used(cohort, tmp_path,
+                                                                       monkeypatch):
+    csv = tmp_path / "labels.csv"
+    shutil.copy(cohort["labels"], csv)
+    settings = json.loads(Path(prep.settings_path(cohort["labels"])).read_text())
+    assert settings["features"] and settings["mains_hz"] == 50.0  # prep's default
+    Path(prep.settings_path(str(csv))).write_text(json.dumps({**settings, "mains_hz": 60.0}))
+    run = tmp_path / "run"
+    train_bp.main(["--npz_dir", cohort["npz"], "--labels_csv", str(csv), "--out_dir", str(run),
+                   "--target_cols", *TARGETS, "--arch", "tiny", "--epochs", "1",
+                   "--num_workers", "0", "--covariates", "hr_bpm"])
+    assert torch.load(run / "bp_best.pth", weights_only=True)["features_mains_hz"] == 60.0
+    used = []
+    real = prep.x_features
+    monkeypatch.setattr(prep, "x_features", lambda x, rate, mains: used.append(mains) or
+                        real(x, rate, mains))
+    argv = ["--checkpoint", str(run / "bp_best.pth"), "--h5_path", cohort["h5"],
+            "--record_seconds", "15", "--overwrite"]
+    predict_bp.main([*argv, "--output", str(tmp_path / "p.csv")])
+    assert set(used) == {60.0} and len(used) == 45
+    used.clear()
+    predict_bp.main([*argv, "--output", str(tmp_path / "p.csv"), "--mains_hz", "50"])
+    assert set(used) == {50.0}
+
+
+def test_an_unreadable_prep_settings_file_is_a_one_line_error(cohort, tmp_path, capsys):
+    csv = tmp_path / "labels.csv"
+    shutil.copy(cohort["labels"], csv)
+    Path(prep.settings_path(str(csv))).write_text("{")
+    assert run_cli(train_bp.main, ["--npz_dir", cohort["npz"], "--labels_csv", str(csv),
+                                   "--out_dir", str(tmp_path / "run"), "--target_cols",
+                                   *TARGETS]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {prep.settings_path(str(csv))} (prep's settings for "
+                          f"--labels_csv) is unreadable")
+    assert not (tmp_path / "run").exists()
 
 
 def test_filter_is_stored_and_applied_alike_by_the_cache_and_predict(cohort, tmp_path):
