@@ -135,6 +135,7 @@ MORPHOLOGY_COLUMNS = FEATURE_COLUMNS[FEATURE_COLUMNS.index("ppg_rise_time_ms"):]
 BANDS = {"ecg": (0.67, 40.0, 4), "ppg": (0.5, 8.0, 2)}  # low Hz, high Hz, Butterworth order
 HIGH_CUT_MAX = 0.9  # of Nyquist, when fs is too low for the band's high cut
 NOTCH_Q = 30.0
+MAINS_HZ = 50.0  # the default notch (Europe, Asia); 60 in the Americas
 IBI_RANGE_MS = (300.0, 2000.0)  # plausible inter-beat intervals (200-30 bpm)
 PAT_RANGE_MS = (80.0, 600.0)
 MIN_BEATS = 3
@@ -169,7 +170,7 @@ def _design(kind: str, fs: float, mains_hz: Optional[float]):
     return sos, scipy.signal.sosfilt_zi(sos), padlen
 
 
-def condition(x, fs: float, kind: str, mains_hz: Optional[float] = 50.0) -> np.ndarray:
+def condition(x, fs: float, kind: str, mains_hz: Optional[float] = MAINS_HZ) -> np.ndarray:
     """``x`` (1-D row or 2-D batch, filtered along the last axis) band-passed for ``kind``
     ('ecg' or 'ppg', see the module docstring), zero phase, as float64.
 
@@ -292,7 +293,7 @@ def upright(clean: np.ndarray, fs: float) -> np.ndarray:
     return -clean if np.median(extremes) < 0 else clean
 
 
-def ecg_beats(ecg, fs: float, mains_hz: Optional[float] = 50.0) -> Beats:
+def ecg_beats(ecg, fs: float, mains_hz: Optional[float] = MAINS_HZ) -> Beats:
     """Accepted R peaks of a raw ECG row (conditioned here), with their template SQI."""
     x = _usable(ecg, fs)
     if x is None:
@@ -476,7 +477,7 @@ def ppg_morphology(template: np.ndarray, foot: int, fs: float) -> Dict[str, floa
 
 
 def record_features(ecg, ppg, fs_ecg: float, fs_ppg: float,
-                    mains_hz: Optional[float] = 50.0) -> Dict[str, float]:
+                    mains_hz: Optional[float] = MAINS_HZ) -> Dict[str, float]:
     """Every ``FEATURE_COLUMNS`` entry of one record as a float (NaN: not computable; counts
     0). ``ecg``/``ppg``: raw 1-D rows over the same time span, either may be None; ``fs_*``:
     their rates (samples / record seconds); ``mains_hz``: the ECG notch (None: none)."""

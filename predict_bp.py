@@ -219,7 +219,7 @@ def h5_batches(args, ckpt: dict, skipped: list, filled: Counter,
     if features and not ckpt.get("sample_rate_hz"):
         raise UserError(f"the model in {args.checkpoint} takes physiological features but "
                         f"records no sampling rate to compute them at")
-    mains_hz = next(m for m in (args.mains_hz, ckpt.get("features_mains_hz"), 50.0)
+    mains_hz = next(m for m in (args.mains_hz, ckpt.get("features_mains_hz"), physio.MAINS_HZ)
                     if m is not None)
     records = prep.iter_records(args.h5_path, args.id_key,
                                 meta_fields=metadata_covariates(ckpt),

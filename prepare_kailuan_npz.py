@@ -816,7 +816,7 @@ def get_args_parser() -> ArgumentParser:
                         "(heart rate and variability, pulse arrival time, PPG morphology, "
                         "signal quality: physio.py), computed from the resampled rows the "
                         "npz holds; needs --record_seconds or --fs_ecg/--fs_ppg")
-    p.add_argument("--mains_hz", type=float, default=50.0,
+    p.add_argument("--mains_hz", type=float, default=physio.MAINS_HZ,
                    help="mains frequency notched out of the ECG before beat detection "
                         "(--features): 50 in Europe and Asia, 60 in the Americas")
     p.add_argument("--subject_key", nargs="+", default=None, metavar="FIELD",

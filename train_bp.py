@@ -43,6 +43,7 @@ import dataset
 import engine
 import losses
 import metrics
+import physio
 import plot_results
 import utils
 from prepare_kailuan_npz import DIGEST_COLUMN, settings_path
@@ -108,7 +109,7 @@ def get_args_parser() -> utils.ArgumentParser:
                            "inputs like its pre-training's), else none (from a random start "
                            "the two measured alike). Stored in the checkpoint; predict_bp.py "
                            "filters alike")
-    data.add_argument("--mains_hz", type=float, default=50.0,
+    data.add_argument("--mains_hz", type=float, default=physio.MAINS_HZ,
                       help="mains frequency notched out of the ECG by --filter ecgfounder")
     data.add_argument("--augment", nargs="+", default=["all"],
                       choices=(*dataset.AUGMENTATIONS, "all", "none"), metavar="PART",
