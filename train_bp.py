@@ -24,7 +24,6 @@ statistics and any checkpoint to the other ranks, so they need only --npz_dir (a
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import subprocess
@@ -697,14 +696,7 @@ def features_mains_hz(labels_csv: str) -> Optional[float]:
     """The --mains_hz with which prep computed the labels CSV's physiological features (from
     its ``<stem>_prepare.json``; predict_bp.py --h5_path computes them alike), None when it
     computed none or that file is absent."""
-    path = settings_path(labels_csv)
-    if not os.path.isfile(path):
-        return None
-    try:
-        with open(path, encoding="utf-8") as fh:
-            settings = json.load(fh)
-    except (OSError, ValueError) as err:
-        raise UserError(f"{path} (prep's settings for --labels_csv) is unreadable: {err}")
+    settings = utils.read_json(settings_path(labels_csv), "prep's settings for --labels_csv")
     return settings.get("mains_hz") if settings.get("features") else None
 
 

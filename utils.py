@@ -126,13 +126,21 @@ NPZ_MANIFEST = ".prepare_kailuan_npz.json"  # prepare_kailuan_npz.py's record of
 NPZ_CHANNELS = ("ecg", "ppg")  # the signals of npz columns 0 and 1
 
 
-def npz_manifest(npz_dir: str) -> dict:
-    """The manifest prep wrote in ``npz_dir`` ({} when there is none)."""
-    path = os.path.join(npz_dir, NPZ_MANIFEST)
+def read_json(path: str, what: str) -> dict:
+    """The JSON file ``path`` ({} when there is none); ``UserError`` naming it and ``what``
+    it is when it cannot be read."""
     if not os.path.isfile(path):
         return {}
-    with open(path, encoding="utf-8") as fh:
-        return json.load(fh)
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return json.load(fh)
+    except (OSError, ValueError) as err:
+        raise UserError(f"{path} ({what}) is unreadable: {err}")
+
+
+def npz_manifest(npz_dir: str) -> dict:
+    """The manifest prep wrote in ``npz_dir`` ({} when there is none)."""
+    return read_json(os.path.join(npz_dir, NPZ_MANIFEST), "prep's record of the npz folder")
 
 
 def npz_sample_rate(npz_dir: str) -> Optional[float]:

@@ -157,3 +157,11 @@ def test_bad_fold_settings_are_user_errors(folds, fold, val, fragment):
     with pytest.raises(utils.UserError) as err:
         utils.split_by_fold([f"s{i}" for i in range(23)], folds, fold, val, seed=0)
     assert fragment in str(err.value)
+
+
+def test_an_unreadable_npz_manifest_is_a_user_error_naming_it(tmp_path):
+    assert utils.npz_manifest(str(tmp_path)) == {}
+    (tmp_path / utils.NPZ_MANIFEST).write_text("{")
+    with pytest.raises(utils.UserError, match=r"\.prepare_kailuan_npz\.json \(prep's record "
+                                              r"of the npz folder\) is unreadable"):
+        utils.npz_manifest(str(tmp_path))
