@@ -20,6 +20,7 @@ import io
 import json
 import os
 import random
+import signal
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -58,16 +59,23 @@ class ArgumentParser(argparse.ArgumentParser):
 
 def run_cli(main: Callable[[Optional[Sequence[str]]], None],
             argv: Optional[Sequence[str]] = None) -> int:
-    """Run ``main(argv)``; turn a ``UserError`` into a one-line message and status 2."""
+    """Run ``main(argv)``; turn a ``UserError`` into a one-line message and status 2, and
+    a reader that closed the pipe (``script | head``) into a quiet end with status 141."""
     # a log file gets each line as it is printed, in order with stderr (no block buffering)
     if hasattr(sys.stdout, "reconfigure"):
         sys.stdout.reconfigure(line_buffering=True)
     try:
         main(argv)
+        sys.stdout.flush()  # a closed pipe must fail here, not at interpreter shutdown
     except UserError as exc:
         msg = " ".join(str(exc).split())
         print(f"error: {msg}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # Python docs, "Note on SIGPIPE": point stdout at devnull so the flush at exit
+        # does not raise again; 128 + SIGPIPE is what a shell reports for `cmd | head`
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
     return 0
 
 
