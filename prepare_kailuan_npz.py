@@ -670,16 +670,41 @@ def remove_leftovers(output_npz: str, output_csv: str) -> int:
     return removed
 
 
+def _names_file(path: str, fh) -> bool:
+    """Whether ``path`` still leads to the open file ``fh`` (not removed or replaced)."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return False
+    own = os.fstat(fh.fileno())
+    return (st.st_dev, st.st_ino) == (own.st_dev, own.st_ino)
+
+
 @contextlib.contextmanager
 def folder_lock(output_npz: str) -> Iterator[None]:
-    """Hold a lock on the output folder, so that two runs never write (or clean) it at once."""
-    with open(os.path.join(output_npz, LOCK), "a") as fh:
+    """Hold a lock on the output folder, so that two runs never write (or clean) it at once.
+
+    The lock file is removed at the end while still locked, so no other run holds it then.
+    A run that opened the file before that removal may lock it just after: it then finds
+    that the name leads elsewhere (or nowhere) and starts again, since a lock on a removed
+    file keeps nobody out."""
+    path = os.path.join(output_npz, LOCK)
+    while True:
+        fh = open(path, "a")
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
+            fh.close()
             raise UserError(f"--output_npz {output_npz}: another prepare_kailuan_npz.py is "
                             f"writing to this folder") from None
-        yield
+        if _names_file(path, fh):
+            break
+        fh.close()
+    with fh:
+        try:
+            yield
+        finally:
+            os.remove(path)
 
 
 # ----------------------------------------------------------------------------- labels

@@ -2,6 +2,7 @@
 leaves no lock file and still keeps two runs apart, a PPG-only file names the flag to use,
 crossval accepts the same folder written as another path, demo.py never deletes a user's
 file, and plot texts fit inside their figures."""
+import fcntl
 import os
 import subprocess
 import sys
@@ -10,7 +11,9 @@ import pandas as pd
 import pytest
 
 import make_synthetic_cohort as msc
+import prepare_kailuan_npz as prep
 from conftest import ROOT
+from utils import UserError
 
 TARGETS = ["right_arm_sbp", "right_arm_dbp"]
 
@@ -41,3 +44,35 @@ def test_a_closed_pipe_ends_prep_quietly_with_status_141(cohort_h5, tmp_path):
     assert result.stderr == ""  # no BrokenPipeError traceback, not even at shutdown
     assert result.returncode == 141  # 128 + SIGPIPE, as a shell reports `cmd | head`
     assert len(pd.read_csv(tmp_path / "labels.csv")) == 8  # the work itself was done
+
+
+# ----------------------------------------------------------------------------- prep's lock
+def test_prep_leaves_no_lock_file_and_a_held_lock_still_refuses_a_second_run(cohort_h5,
+                                                                            tmp_path):
+    prep.main(prep_argv(cohort_h5, tmp_path))
+    assert sorted(os.listdir(tmp_path / "npz")) == sorted(
+        [prep.MANIFEST] + [f"{i}.npz" for i in pd.read_csv(tmp_path / "labels.csv")["ssoid"]])
+    with prep.folder_lock(str(tmp_path / "npz")):
+        assert (tmp_path / "npz" / prep.LOCK).is_file()
+        with pytest.raises(UserError, match="another prepare_kailuan_npz.py is writing"):
+            prep.main(prep_argv(cohort_h5, tmp_path))
+    assert not (tmp_path / "npz" / prep.LOCK).exists()
+
+
+def test_a_lock_file_removed_between_open_and_lock_is_not_taken(tmp_path, monkeypatch):
+    """Run A opens the lock file; before A locks it, its holder finishes and removes it,
+    and run C makes a new one and locks that. A must not run beside C on the old file."""
+    real_flock, path, run_c = fcntl.flock, tmp_path / prep.LOCK, []
+
+    def flock(fh, op):
+        if not run_c:
+            os.remove(path)
+            run_c.append(open(path, "a"))
+            real_flock(run_c[0], fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return real_flock(fh, op)
+
+    monkeypatch.setattr(fcntl, "flock", flock)
+    with pytest.raises(UserError, match="another prepare_kailuan_npz.py is writing"):
+        with prep.folder_lock(str(tmp_path)):
+            pass
+    run_c[0].close()
