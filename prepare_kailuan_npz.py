@@ -343,6 +343,17 @@ def _dataset(f: h5py.File, key: str, flag: str, path: str) -> h5py.Dataset:
     return obj
 
 
+def _signal_dataset(f: h5py.File, flag: str, key: str, other: Optional[str],
+                    path: str) -> h5py.Dataset:
+    """The dataset of one signal; when it is missing beside the other one, the message
+    names the flag value for a cohort that lacks it."""
+    if key not in f and other and isinstance(f.get(other), h5py.Dataset):
+        signal_name = flag[2:5].upper()
+        raise UserError(f"{flag}: {key} does not exist in {path}; for a file without "
+                        f"{signal_name} give {flag} {NO_SIGNAL}")
+    return _dataset(f, key, flag, path)
+
+
 def _check_signal_dataset(ds: h5py.Dataset, flag: str, path: str) -> None:
     vlen = h5py.check_vlen_dtype(ds.dtype)
     fixed = ds.ndim == 2 and ds.dtype.kind in "fiu"
@@ -361,8 +372,9 @@ def check_cohort(f: h5py.File, path: str, fields: Sequence[Tuple[str, str]], met
         raise UserError("--ecg_key and --ppg_key are both none: a record needs a signal")
     if not isinstance(f.get(meta_group), h5py.Group):
         raise UserError(f"--meta_group: group {meta_group} does not exist in {path}")
-    signals = {flag: _dataset(f, key, flag, path)
-               for flag, key in (("--ecg_key", ecg_key), ("--ppg_key", ppg_key)) if key}
+    signals = {flag: _signal_dataset(f, flag, key, other, path)
+               for flag, key, other in (("--ecg_key", ecg_key, ppg_key),
+                                        ("--ppg_key", ppg_key, ecg_key)) if key}
     for flag, ds in signals.items():
         _check_signal_dataset(ds, flag, path)
     first = next(iter(signals.values()))

@@ -4,16 +4,18 @@ crossval accepts the same folder written as another path, demo.py never deletes 
 file, and plot texts fit inside their figures."""
 import fcntl
 import os
+import shutil
 import subprocess
 import sys
 
+import h5py
 import pandas as pd
 import pytest
 
 import make_synthetic_cohort as msc
 import prepare_kailuan_npz as prep
 from conftest import ROOT
-from utils import UserError
+from utils import UserError, run_cli
 
 TARGETS = ["right_arm_sbp", "right_arm_dbp"]
 
@@ -76,3 +78,28 @@ def test_a_lock_file_removed_between_open_and_lock_is_not_taken(tmp_path, monkey
         with prep.folder_lock(str(tmp_path)):
             pass
     run_c[0].close()
+
+
+# ----------------------------------------------------------------------------- one-signal files
+@pytest.mark.parametrize("drop, flag, name", [("signals/ecg", "--ecg_key", "ECG"),
+                                              ("signals/ppg", "--ppg_key", "PPG")])
+def test_a_file_without_one_signal_is_told_the_flag_value_for_it(cohort_h5, tmp_path, capsys,
+                                                                 drop, flag, name):
+    h5 = tmp_path / "one_signal.h5"
+    shutil.copy(cohort_h5, h5)
+    with h5py.File(h5, "a") as f:
+        del f[drop]
+    assert run_cli(prep.main, prep_argv(h5, tmp_path)) == 2
+    assert capsys.readouterr().err == (f"error: {flag}: {drop} does not exist in {h5}; for a "
+                                       f"file without {name} give {flag} none\n")
+    assert run_cli(prep.main, prep_argv(h5, tmp_path, flag, "none")) == 0  # as suggested
+    assert len(pd.read_csv(tmp_path / "labels.csv")) == 8
+
+
+def test_a_file_without_either_signal_gets_no_such_hint(cohort_h5, tmp_path, capsys):
+    h5 = tmp_path / "no_signal.h5"
+    shutil.copy(cohort_h5, h5)
+    with h5py.File(h5, "a") as f:
+        del f["signals"]
+    assert run_cli(prep.main, prep_argv(h5, tmp_path)) == 2
+    assert capsys.readouterr().err == f"error: --ecg_key: signals/ecg does not exist in {h5}\n"
