@@ -657,8 +657,11 @@ def _refit_head(model: BPModel, old: Mapping, new: Mapping) -> None:
     """Re-express a loaded head in this run's statistics, exactly: numeric covariate
     inputs x_old = x_new * sd_new / sd_old + (mean_new - mean_old) / sd_old are folded
     into the first linear layer, and normalised outputs y_new = (y_old * sd_old + mean_old
-    - mean_new) / sd_new into the last. (A value missing in this run's data is filled
-    with this run's train median, which the old head never saw as a fill.)"""
+    - mean_new) / sd_new into the last. With the ridge offset the network adds sd * y to
+    the ridge (which holds the mean and is refitted on this run's train split), so its
+    outputs only rescale, y_new = y_old * sd_old / sd_new: shifting them by the change of
+    the means as well would count that change twice. (A value missing in this run's data
+    is filled with this run's train median, which the old head never saw as a fill.)"""
     first, last = model.head.mlp[0], model.head.mlp[-1]
     column = first.in_features - model.config.n_covariates
     for a, b in zip(old["covariates"], new["covariates"]):
@@ -669,8 +672,9 @@ def _refit_head(model: BPModel, old: Mapping, new: Mapping) -> None:
         column += len(covariate_names([a]))
     sd_old, mean_old, sd_new, mean_new = (torch.as_tensor(v, dtype=last.weight.dtype) for v in (
         old["target_std"], old["target_mean"], new["target_std"], new["target_mean"]))
+    mean_shift = 0.0 if model.config.covariate_offset else mean_old - mean_new
     last.weight *= (sd_old / sd_new)[:, None]
-    last.bias.copy_((last.bias * sd_old + mean_old - mean_new) / sd_new)
+    last.bias.copy_((last.bias * sd_old + mean_shift) / sd_new)
 
 
 def _load_head(model: BPModel, ckpt, rest: dict, target_cols: Optional[Sequence[str]],

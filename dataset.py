@@ -44,8 +44,9 @@ SKIPPED_COLUMNS = ["ssoid", "path", "reason"]
 # ----------------------------------------------------------------------------- labels
 def read_labels(path: str, required: Sequence[str], text: Sequence[str] = ()) -> pd.DataFrame:
     """The labels CSV with ``ssoid``, ``subject_id`` and the ``text`` columns as text (an id
-    such as ``007`` or a float-looking hash stays as written); ``UserError`` if unreadable or a
-    ``required`` column is missing."""
+    such as ``007`` or a float-looking hash stays as written); ``UserError`` if unreadable,
+    without rows, or a ``required`` column is missing, not numeric or holds an infinity (an
+    empty cell is a missing value; ``inf`` is a broken export)."""
     if not os.path.isfile(path):
         raise UserError(f"labels CSV {path}: no such file")
     try:
@@ -58,13 +59,27 @@ def read_labels(path: str, required: Sequence[str], text: Sequence[str] = ()) ->
     if missing:
         raise UserError(f"labels CSV {path} has no column {', '.join(missing)} "
                         f"(columns: {', '.join(map(str, frame.columns))})")
+    if frame.empty:
+        raise UserError(f"labels CSV {path} has no rows (only the header "
+                        f"{', '.join(map(str, frame.columns))})")
     for col in required:
         if not pd.api.types.is_numeric_dtype(frame[col]):
             raise UserError(f"labels CSV {path}: column {col} is not numeric")
+        infinite = np.isinf(frame[col].to_numpy(np.float64))
+        if infinite.any():
+            raise UserError(f"labels CSV {path}: column {col} has {int(infinite.sum())} "
+                            f"infinite values (ssoid {', '.join(_first_ids(frame, infinite))}); "
+                            f"leave a missing value empty")
     if frame["ssoid"].isna().any():
         raise UserError(f"labels CSV {path}: {int(frame['ssoid'].isna().sum())} rows have "
                         f"an empty ssoid")
     return frame
+
+
+def _first_ids(frame: pd.DataFrame, mask: np.ndarray, n: int = 5) -> List[str]:
+    """The ssoids of the first ``n`` rows under ``mask``, and "..." when there are more."""
+    ids = frame.loc[mask, "ssoid"].astype(str).tolist()
+    return ids[:n] + (["..."] if len(ids) > n else [])
 
 
 def usable_rows(labels: pd.DataFrame, npz_dir: str,

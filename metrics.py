@@ -46,6 +46,11 @@ AAMI_MAX_ABS_ME, AAMI_MAX_SD = 5.0, 8.0
 MMHG_TOL = 1e-6     # added to every mmHg limit: float noise, not a clinical margin
 SHARE_TOL = 1e-9    # subtracted from every share threshold; shares of N <= 1e8 differ by more
 N_BOOT, BOOT_SEED = 1000, 0
+CALIBRATION_MEASURES_NOTHING = (
+    "every subject's targets are the same in all its records (one cuff reading per "
+    "subject?): a calibrated prediction is then that reading plus the model's "
+    "within-subject scatter, so one-point calibration measures nothing here and no "
+    "metrics or grades are reported")
 RIDGE_ALPHA = 1.0
 
 
@@ -272,8 +277,15 @@ def calibrated_block(y_true: np.ndarray, y_pred: np.ndarray, subjects: Sequence,
     keep the row order). The block has ``split_metrics``' fields over the calibrated
     records, its ``baseline`` being the train mean calibrated alike (that is, each
     subject's calibration-record truth), plus
-    ``n_calibration_records`` (one per calibrated subject) and ``n_subjects_left_out``
-    (subjects with a single record, which cannot be calibrated).
+    ``n_calibration_records`` (one per calibrated subject), ``n_subjects_left_out``
+    (subjects with a single record, which cannot be calibrated) and ``bp_changes``, per
+    target the calibrated records whose truth differs from their calibration record's.
+
+    Where no truth changes (every record of a subject shares one cuff reading), a
+    calibrated prediction is the subject's truth plus the model's within-subject scatter:
+    the metrics would measure nothing, so the block holds the counts, ``informative``
+    false and a ``note`` instead of metrics and grades. A target that alone never changes
+    is named in ``note``.
     """
     n_t = len(target_cols)
     t, p = _checked(np.reshape(y_true, (-1, n_t)), np.reshape(y_pred, (-1, n_t)))
@@ -285,8 +297,19 @@ def calibrated_block(y_true: np.ndarray, y_pred: np.ndarray, subjects: Sequence,
     # for each later record, the position of its subject's first record in sorted order
     start = np.maximum.accumulate(np.where(first, np.arange(len(rows)), 0))
     kept, owner = rows[~first], rows[start][~first]
+    n_calibrated = int(len(np.unique(subjects[kept])))
+    changes = (t[kept] != t[owner]).sum(axis=0)
+    counts = {"n_calibration_records": n_calibrated,
+              "n_subjects_left_out": int(len(np.unique(subjects)) - n_calibrated),
+              "bp_changes": {c: int(n) for c, n in zip(target_cols, changes)}}
+    if not changes.any():
+        return {"n_records": int(len(kept)), **counts, "informative": False,
+                "note": CALIBRATION_MEASURES_NOTHING}
     block = split_metrics(t[kept], p[kept] + (t[owner] - p[owner]), subjects[kept],
                           target_cols, t[owner], n_boot, seed)
-    block["n_calibration_records"] = int(len(np.unique(subjects[kept])))
-    block["n_subjects_left_out"] = int(len(np.unique(subjects)) - block["n_calibration_records"])
+    block.update(counts, informative=True)
+    constant = [c for c, n in zip(target_cols, changes) if n == 0]
+    if constant:
+        block["note"] = (f"{', '.join(constant)}: the truth never changes within a subject, "
+                         f"so its calibrated metrics measure nothing")
     return block

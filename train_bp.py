@@ -50,6 +50,7 @@ from utils import UserError
 
 CONSTRAINS = ("none", "clip", "sigmoid", "tanh")
 # Flags that may change between a killed run and its --resume; every other must match.
+MIN_SPLIT_SUBJECTS = 5  # below this a split's metrics are anecdotes (a warning says so)
 RESUMABLE_CHANGES = {"resume", "overwrite", "num_workers", "threads", "device", "cache_dir",
                      "trust_checkpoint", "compile"}
 
@@ -108,15 +109,21 @@ def get_args_parser() -> utils.ArgumentParser:
                            "inputs like its pre-training's), else none (from a random start "
                            "the two measured alike). Stored in the checkpoint; predict_bp.py "
                            "filters alike")
-    data.add_argument("--mains_hz", type=float, default=physio.MAINS_HZ,
-                      help="mains frequency notched out of the ECG by --filter ecgfounder")
+    data.add_argument("--mains_hz", type=float, default=None,
+                      help="mains frequency notched out of the ECG by --filter ecgfounder; "
+                           f"default: prep's --mains_hz (its <labels stem>_prepare.json, when "
+                           f"it computed --features), else {physio.MAINS_HZ:g}")
     data.add_argument("--augment", nargs="+", default=["all"],
                       choices=(*dataset.AUGMENTATIONS, "all", "none"), metavar="PART",
                       help="training-time augmentation (evaluation and prediction see the "
-                           "whole record): shift (drop up to 10%% of the record's start from "
-                           "both channels alike, so the ECG-to-PPG delay survives), gain "
-                           "(x0.8-1.25 per channel), noise (SD 0.05 after z-scoring), wander "
-                           "(a slow sine of up to 0.2); 'all' for every part (the default: "
+                           "whole record), each part sized relative to the record, so alike "
+                           "with --no_zscore: shift (drop up to 10%% of the record's start "
+                           "from both channels alike, so the ECG-to-PPG delay survives, and "
+                           "repeat the last value), gain (x0.8-1.25 per channel), noise (SD "
+                           "0.05 of the channel's), wander (a 0.05-0.5 Hz sine of up to 0.2 "
+                           "of the channel's SD: drift and breathing, slower than any pulse; "
+                           "left out, with a note, when the records' sampling rate is "
+                           "unknown); 'all' for every part (the default: "
                            "it helped a little on the synthetic cohort and on PPG-BP), 'none' "
                            "for none. Draws depend on --seed, the epoch and the record only, "
                            "so resume stays exact")
@@ -203,6 +210,7 @@ def parse_args(argv: Optional[Sequence[str]]):
         (args.grad_clip >= 0, "--grad_clip must be 0 or more"),
         (args.patience >= 0, "--patience must be 0 or more"),
         (args.y_margin >= 0, "--y_margin must be 0 or more"),
+        (args.mains_hz is None or args.mains_hz > 0, "--mains_hz must be a positive frequency"),
         (0 <= args.dropout < 1, "--dropout must be in [0, 1)"),
         (args.warmup_epochs >= 0, "--warmup_epochs must be 0 or more"),
         (len(set(args.target_cols)) == len(args.target_cols), "--target_cols names a column twice"),
@@ -291,9 +299,26 @@ def load_table(args) -> Tuple[pd.DataFrame, str]:
     rows, dropped = dataset.usable_rows(labels, args.npz_dir, args.target_cols)
     print(f"labels: {len(labels)} rows, {len(rows)} usable"
           + "".join(f"; dropped {n} ({why})" for why, n in dropped.items()))
+    if args.calibration_order:
+        rows[args.calibration_order] = calibration_order(rows, args.calibration_order,
+                                                         args.labels_csv)
     rows["subject_id"], rule = record_subjects(rows, args.subject_col, args.labels_csv)
     print(f"subjects: {rule}")
     return rows, rule
+
+
+def calibration_order(rows: pd.DataFrame, col: str, source: str) -> pd.Series:
+    """The --calibration_order column of the usable rows, checked before training: every
+    row needs a value (a blank cell cannot say which record came first), and text is
+    compared as text (e.g. ISO dates)."""
+    values = rows[col]
+    empty = values.isna() | (values.astype(str).str.strip() == "")
+    if empty.any():
+        raise UserError(f"--calibration_order: column {col} of labels CSV {source} is empty "
+                        f"in {int(empty.sum())} usable rows (ssoid "
+                        f"{', '.join(rows.loc[empty, 'ssoid'].astype(str).head(5))}); every "
+                        f"record needs a value to tell which record of a subject came first")
+    return values if pd.api.types.is_numeric_dtype(values) else values.astype(str)
 
 
 def record_subjects(rows: pd.DataFrame, subject_col: Optional[str],
@@ -357,6 +382,12 @@ def assign_split(args, rows: pd.DataFrame, rule: str) -> Tuple[pd.DataFrame, dic
                   rows.loc[rows["split"] == s, "subject_id"].nunique())
               for s in ("train", "val", "test")}
     print("split: " + ", ".join(f"{s} {n} records / {k} subjects" for s, (n, k) in counts.items()))
+    few = [f"{s} {k}" for s, (_, k) in counts.items() if k < MIN_SPLIT_SUBJECTS]
+    if few:
+        print(f"warning: few subjects in a split ({', '.join(few)}; fewer than "
+              f"{MIN_SPLIT_SUBJECTS}): its metrics rest on so few people that they mean little, "
+              f"and a val split that small chooses the best epoch by chance; use more subjects "
+              f"or larger --val_ratio/--test_ratio")
     audit = split_audit(rows["ssoid"], rows["subject_id"], rows["split"], rule,
                         rows[DIGEST_COLUMN] if DIGEST_COLUMN in rows.columns else None)
     if audit["digest_check"] == "failed":
@@ -477,9 +508,10 @@ def make_loader(args, part: pd.DataFrame, rows_in_cache: np.ndarray, stats: dict
 
 # ============================================================================= model
 def build_model(args, stats: dict, pretrain: Optional[str],
-                dist: utils.DistInfo) -> backbones.BPModel:
-    """The BP model with its output bounds; ``pretrain`` is loaded by rank 0 (DDP hands
-    its weights to the other ranks)."""
+                dist: utils.DistInfo) -> Tuple[backbones.BPModel, Optional[str]]:
+    """The BP model with its output bounds, and what it already predicts before training
+    (``start_of``); ``pretrain`` is loaded by rank 0 (DDP hands its weights to the other
+    ranks)."""
     cfg = backbones.BPModelConfig(arch=args.arch, modality=args.modality, fusion=args.fusion,
                                   n_targets=len(args.target_cols), constrain=args.constrain,
                                   head_hidden=args.head_hidden, dropout=args.dropout,
@@ -492,15 +524,29 @@ def build_model(args, stats: dict, pretrain: Optional[str],
     if cfg.covariate_offset:  # the ridge in normalised target units
         ridge = ridge_of(stats)
         model.set_covariate_offset((ridge.coef / std).T, (ridge.intercept - mean) / std)
+    head_loaded = False
     if pretrain:
-        utils.run_on_rank0(lambda: backbones.load_pretrained(
+        report = utils.run_on_rank0(lambda: backbones.load_pretrained(
             model, pretrain, trust=args.trust_checkpoint, target_cols=args.target_cols,
             stats=stats), dist)
+        head_loaded = report["head"]["loaded"] > 0
     elif args.pretrain is None and model.encoders:
         print("warning: no --pretrain given: the encoders start from random weights")
     if args.freeze_backbone:
         model.freeze_backbone()
-    return model
+    return model, start_of(cfg.covariate_offset, head_loaded, pretrain)
+
+
+def start_of(covariate_offset: bool, head_loaded: bool, pretrain: Optional[str]) -> Optional[str]:
+    """What the model predicts before training, in words, when that is worth evaluating as
+    epoch 0 (None when it is an untrained head): a loaded project head (with the ridge
+    offset, its ridge refitted on this run's train split), or with a fresh head the ridge
+    on the covariates alone (the fresh head's output starts at zero)."""
+    if head_loaded:
+        return (f"the model loaded from --pretrain {pretrain}"
+                + (" with its ridge refitted on this run's train split" if covariate_offset
+                   else ""))
+    return "the ridge on the covariates" if covariate_offset else None
 
 
 def build_optimizer(args, model, steps_per_epoch: int):
@@ -620,7 +666,8 @@ def ridge_cells(ridge: dict) -> str:
     """A table's ridge columns for one target of a ``covariate_baseline`` block: its MAE
     and the model-minus-ridge MAE with its 95 % interval."""
     lo, hi = ridge["model_mae_diff_ci95"]
-    return f"{ridge['mae']:11.2f}{ridge['model_mae_diff']:+12.2f} [{lo:+.2f}, {hi:+.2f}]"
+    return (table_cells([ridge["mae"]], 11, ".2f") + table_cells([ridge["model_mae_diff"]], 12, "+.2f")
+            + f" [{lo:+.2f}, {hi:+.2f}]")
 
 
 def print_test_table(block: dict, target_cols: Sequence[str]) -> None:
@@ -629,31 +676,38 @@ def print_test_table(block: dict, target_cols: Sequence[str]) -> None:
     cov = block.get("covariate_baseline")
     print("\ntest metrics (mmHg) beside the train-mean predictor"
           + (" and a ridge regression on the covariates:" if cov else ":"))
-    print(f"{'target':<16}{'MAE':>8}{'RMSE':>8}{'ME':>8}{'SD':>8}{'r':>7}{'R2':>7}"
+    name = max(16, 2 + max(len(c) for c in target_cols))
+    print(f"{'target':<{name}}{'MAE':>8}{'RMSE':>8}{'ME':>8}{'SD':>8}{'r':>8}{'R2':>8}"
           f"{'mean-MAE':>10}" + (f"{'ridge-MAE':>11}{'MAE - ridge [95% CI]':>28}" if cov else ""))
     for c in target_cols:
         m, b = block["per_target"][c], block["baseline"]["per_target"][c]
-        line = (f"{c:<16}{m['mae']:8.2f}{m['rmse']:8.2f}{m['me']:8.2f}{m['sd']:8.2f}"
-                f"{m['pearson']:7.3f}{m['r2']:7.3f}{b['mae']:10.2f}")
+        line = (f"{c:<{name}}" + table_cells([m["mae"], m["rmse"], m["me"], m["sd"]], 8, ".2f")
+                + table_cells([m["pearson"], m["r2"]], 8, ".3f") + table_cells([b["mae"]], 10, ".2f"))
         if cov:
             line += ridge_cells(cov["per_target"][c])
         print(line)
     m, b = block["mean"], block["baseline"]["mean"]
-    print(f"{'mean':<16}{m['mae']:8.2f}{m['rmse']:8.2f}{'':>8}{'':>8}{m['pearson']:7.3f}"
-          f"{m['r2']:7.3f}{b['mae']:10.2f}"
-          + (f"{cov['mean']['mae']:11.2f}{cov['mean']['model_mae_diff']:+12.2f}" if cov else ""))
+    print(f"{'mean':<{name}}" + table_cells([m["mae"], m["rmse"]], 8, ".2f") + " " * 16
+          + table_cells([m["pearson"], m["r2"]], 8, ".3f") + table_cells([b["mae"]], 10, ".2f")
+          + (table_cells([cov["mean"]["mae"]], 11, ".2f")
+             + table_cells([cov["mean"]["model_mae_diff"]], 12, "+.2f") if cov else ""))
+
+
+def table_cells(values: Sequence[float], width: int, fmt: str) -> str:
+    """Right-aligned table cells of ``width``, each led by a space, so that a number wider
+    than its column (an R2 of -21.047) still stands apart from its neighbour."""
+    return "".join(" " + format(v, fmt).rjust(width - 1) for v in values)
 
 
 def run_line(args) -> str:
     """The start-of-run line: versions and the settings that shape the run (every
-    argument is in args.json)."""
+    argument goes to args.json once the inputs are checked)."""
     model = f"{args.arch} {args.modality}" + (f"/{args.fusion}" if args.fusion != "none" else "")
     return (f"git {git_revision()}  torch {torch.__version__}  model {model}  "
             f"targets {' '.join(args.target_cols)}"
             + (f"  covariates {' '.join(args.covariates)}" if args.covariates else "")
             + f"  augment {' '.join(args.augment) or 'none'}"
-            + f"  epochs {args.epochs}  seed {args.seed}  out_dir {args.out_dir} "
-              f"(every argument: args.json there)")
+            + f"  epochs {args.epochs}  seed {args.seed}  out_dir {args.out_dir}")
 
 
 def git_revision() -> str:
@@ -681,8 +735,9 @@ def load_data(args):
     # not statistics, but like them saved in every checkpoint: what one sample means and
     # how the records are filtered before z-scoring
     stats["sample_rate_hz"] = utils.npz_sample_rate(args.npz_dir)
-    stats["conditioning"] = conditioning_of(args, stats["sample_rate_hz"])
     stats["features_mains_hz"] = features_mains_hz(args.labels_csv)
+    stats["conditioning"] = conditioning_of(args, stats["sample_rate_hz"],
+                                            stats["features_mains_hz"])
     if args.covariates:
         filled = dataset.encode_covariates(rows, stats["covariates"])[1]
         print("covariates (encoded from the train split):\n"
@@ -700,10 +755,35 @@ def features_mains_hz(labels_csv: str) -> Optional[float]:
     return settings.get("mains_hz") if settings.get("features") else None
 
 
-def conditioning_of(args, sample_rate: Optional[float]) -> Optional[dict]:
-    """``dataset.model_input``'s conditioning for --filter (None for ``none``); ``auto`` is
-    ``ecgfounder`` with --pretrain and a known sampling rate, else ``none``."""
+def checkpoint_filter(args) -> Optional[str]:
+    """The --filter a --pretrain project checkpoint was trained with (``none`` or
+    ``ecgfounder``); None for ECGFounder's file or a checkpoint that does not record it.
+    (Rank 0 reads the file here and again when it loads the weights: a second or two for
+    the full-size encoder, once per run.)"""
+    if not args.pretrain or args.resume:
+        return None
+    ckpt = utils.load_checkpoint(args.pretrain, trust=args.trust_checkpoint)
+    if not (isinstance(ckpt, dict) and "model_config" in ckpt and "conditioning" in ckpt):
+        return None
+    return ckpt["conditioning"]["filter"] if ckpt["conditioning"] else "none"
+
+
+def conditioning_of(args, sample_rate: Optional[float],
+                    prep_mains_hz: Optional[float]) -> Optional[dict]:
+    """``dataset.model_input``'s conditioning for --filter (None for ``none``). ``auto``:
+    with a --pretrain project checkpoint, the filter it was trained with (its head and
+    encoders learnt those inputs); with ECGFounder's file, ``ecgfounder`` when the sampling
+    rate is known; else ``none``. The mains notch: --mains_hz, else prep's, else
+    ``physio.MAINS_HZ``."""
+    mains_hz = next(m for m in (args.mains_hz, prep_mains_hz, physio.MAINS_HZ) if m)
     if args.filter == "auto":
+        followed = checkpoint_filter(args)
+        if followed is not None:
+            print(f"--filter auto: {followed}, as --pretrain {args.pretrain} was trained "
+                  f"(--filter sets another)")
+            return None if followed == "none" else ecgfounder_conditioning(
+                args, sample_rate, mains_hz, f"--filter auto (ecgfounder, as --pretrain was "
+                                             f"trained)")
         if args.pretrain and not sample_rate:
             print(f"warning: --filter auto stays none: {args.npz_dir} records no sampling "
                   f"rate, so the pre-trained encoder sees unfiltered records (prepare them "
@@ -714,11 +794,16 @@ def conditioning_of(args, sample_rate: Optional[float]) -> Optional[dict]:
               "is given; --filter none to skip it)")
     elif args.filter == "none":
         return None
+    return ecgfounder_conditioning(args, sample_rate, mains_hz, "--filter ecgfounder")
+
+
+def ecgfounder_conditioning(args, sample_rate: Optional[float], mains_hz: float,
+                            flag: str) -> dict:
     if not sample_rate:
-        raise UserError(f"--filter {args.filter} needs the records' sampling rate, which "
+        raise UserError(f"{flag} needs the records' sampling rate, which "
                         f"{args.npz_dir} does not record: prepare them with --record_seconds "
                         f"or --fs_ecg/--fs_ppg")
-    return {"filter": "ecgfounder", "fs": sample_rate, "mains_hz": args.mains_hz}
+    return {"filter": "ecgfounder", "fs": sample_rate, "mains_hz": mains_hz}
 
 
 def start_on_rank0(args, dist: utils.DistInfo):
@@ -779,18 +864,18 @@ def wrap_model(args, model: backbones.BPModel, device: torch.device, dist: utils
     return compiled, (compiled if train_model is model else torch.compile(model))
 
 
-def evaluate_ridge_start(args, model, eval_model, loaders, loss_fn, device, stats: dict,
-                         rows: pd.DataFrame, seq_len: int, dist: utils.DistInfo) -> dict:
-    """Epoch 0 of a model with the ridge offset: before training it is exactly the ridge
-    on the covariates (the network's share starts at zero). Its validation MAE starts the
-    race for bp_best.pth, so the run keeps the ridge unless training beats it."""
+def evaluate_start(args, model, eval_model, loaders, loss_fn, device, stats: dict,
+                   rows: pd.DataFrame, seq_len: int, dist: utils.DistInfo, start: str) -> dict:
+    """Epoch 0 of a model that predicts before training (``start``, from ``start_of``).
+    Its validation MAE starts the race for bp_best.pth, so the run keeps that starting
+    model unless training beats it; the best-epoch record keeps ``start`` for the note at
+    the end (also after --resume)."""
     val = evaluate_split(eval_model, loaders, "val", loss_fn, device, stats)
     mae = metrics.regression_metrics(val["y_true"], val["y_pred"], args.target_cols)["mean"]["mae"]
     if dist.is_main:
         save_epoch(args, model, stats, 0, rows, seq_len, True, None, [])
-        print(f"epoch 0/{args.epochs}  the ridge on the covariates, before training: "
-              f"val MAE mean {mae:.2f}  *best*")
-    return {"epoch": 0, "val_mae_mean": mae}
+        print(f"epoch 0/{args.epochs}  {start}, before training: val MAE mean {mae:.2f}  *best*")
+    return {"epoch": 0, "val_mae_mean": mae, "start": start}
 
 
 def restore(saved: dict, model, optimizer, scheduler, scaler, dist: utils.DistInfo,
@@ -816,7 +901,8 @@ def evaluate_split(model, loaders, split: str, loss_fn, device, stats: dict) -> 
 def final_report(args, model, eval_model, loaders, loss_fn, device,
                  rows: pd.DataFrame, stats: dict, dist: utils.DistInfo) -> Optional[dict]:
     """Evaluate the best checkpoint on val and test; rank 0 writes the predictions and
-    metrics and returns the report (other ranks return None)."""
+    metrics and returns the report (other ranks return None). Both prediction CSVs are
+    written before any metric is computed, so a report step that fails loses no run."""
     best = None
     if dist.is_main:
         ckpt = utils.load_checkpoint(os.path.join(args.out_dir, "bp_best.pth"))
@@ -824,21 +910,21 @@ def final_report(args, model, eval_model, loaders, loss_fn, device,
     best = utils.broadcast_object(best)
     model.load_state_dict(best["model"])
     report = {"target_cols": list(args.target_cols), "best_epoch": best["epoch"]}
-    ridge = ridge_of(stats)
-    for split in ("val", "test"):
-        result = evaluate_split(eval_model, loaders, split, loss_fn, device, stats)
-        if not dist.is_main:
-            continue
+    results = {split: evaluate_split(eval_model, loaders, split, loss_fn, device, stats)
+               for split in ("val", "test")}
+    if not dist.is_main:
+        return None
+    for split, result in results.items():
         # the truths as the labels CSV holds them, not round-tripped through float32
         result["y_true"] = rows.set_index("ssoid").loc[result["ids"], list(args.target_cols)]\
             .to_numpy(np.float64)
         engine.write_predictions(os.path.join(args.out_dir, f"{split}_predictions.csv"),
                                  result["ids"], result["y_true"], result["y_pred"],
                                  args.target_cols)
+    ridge = ridge_of(stats)
+    for split, result in results.items():
         report[split] = split_report(result, rows[rows["split"] == split], args.target_cols,
                                      stats, ridge, args.calibration_order)
-    if not dist.is_main:
-        return None
     utils.write_json_atomic(os.path.join(args.out_dir, "final_metrics.json"), report)
     return report
 
@@ -880,7 +966,8 @@ def train(args, dist: utils.DistInfo, device: torch.device) -> None:
     # ---------------------------------------------------------------- data and model
     saved, rows, seq_len, skipped, stats, audit = start_on_rank0(args, dist)
     # a resumed run's weights replace any pre-trained start
-    model = build_model(args, stats, None if saved else args.pretrain, dist).to(device)
+    model, start = build_model(args, stats, None if saved else args.pretrain, dist)
+    model = model.to(device)
     loaders = make_loaders(args, rows, stats, seq_len, device, dist)
     optimizer, scheduler = build_optimizer(
         args, model, math.ceil(len(loaders["train"]) / args.accum_steps))
@@ -894,6 +981,7 @@ def train(args, dist: utils.DistInfo, device: torch.device) -> None:
     train_model, eval_model = wrap_model(args, model, device, dist)
     if dist.is_main:
         write_run_files(args, rows, skipped, audit)
+        print(f"every argument: {os.path.join(args.out_dir, 'args.json')}")
     backend = f" ({torch.distributed.get_backend()})" if dist.enabled else ""
     print(f"device {device}  amp {amp_dtype}  processes {dist.world_size}{backend}  "
           f"records per step {args.batch_size} x {args.accum_steps} x {dist.world_size} = "
@@ -903,9 +991,9 @@ def train(args, dist: utils.DistInfo, device: torch.device) -> None:
           f"{len(loaders['train'].dataset)} training records of length {seq_len}"
           + (f" at {stats['sample_rate_hz']:g} Hz" if stats["sample_rate_hz"] else ""))
 
-    if saved is None and model.config.covariate_offset:
-        best = evaluate_ridge_start(args, model, eval_model, loaders, loss_fn, device, stats,
-                                    rows, seq_len, dist)
+    if saved is None and start:
+        best = evaluate_start(args, model, eval_model, loaders, loss_fn, device, stats, rows,
+                              seq_len, dist, start)
 
     # ---------------------------------------------------------------- epochs
     for epoch in range(saved["epoch"] + 1 if saved else 1, args.epochs + 1):
@@ -938,13 +1026,15 @@ def train(args, dist: utils.DistInfo, device: torch.device) -> None:
         return
     plot_results.plot_run(args.out_dir)
     print_test_table(report["test"], args.target_cols)
+    if report["test"].get("calibrated", {}).get("informative") is False:
+        print(f"note: test 'calibrated' block: {report['test']['calibrated']['note']}")
     print(f"\nbest epoch {report['best_epoch']} (val MAE mean "
           f"{report['val']['mean']['mae']:.2f}); outputs in {args.out_dir}: bp_best.pth, "
           f"final_metrics.json, val_predictions.csv, test_predictions.csv, history.csv, split.csv")
     if report["best_epoch"] == 0:
-        print("note: the best epoch is 0, the ridge regression on the covariates: on the "
-              "validation split the signals added nothing to it, so the model reported is "
-              "that ridge")
+        print(f"note: the best epoch is 0, {best['start']}, before training: on the "
+              f"validation split no training epoch beat it, so the model reported is that "
+              f"starting model")
 
 
 if __name__ == "__main__":

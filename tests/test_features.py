@@ -165,6 +165,21 @@ def test_filter_is_stored_and_applied_alike_by_the_cache_and_predict(cohort, tmp
                                    rtol=0, atol=MMHG_ATOL)
 
 
+def test_the_input_filter_notches_the_mains_frequency_prep_used(cohort, tmp_path):
+    csv = tmp_path / "labels.csv"
+    shutil.copy(cohort["labels"], csv)
+    settings = json.loads(Path(prep.settings_path(cohort["labels"])).read_text())
+    Path(prep.settings_path(str(csv))).write_text(json.dumps({**settings, "mains_hz": 60.0}))
+    argv = ["--npz_dir", cohort["npz"], "--labels_csv", str(csv), "--target_cols", *TARGETS,
+            "--arch", "tiny", "--epochs", "1", "--num_workers", "0", "--filter", "ecgfounder"]
+    train_bp.main([*argv, "--out_dir", str(tmp_path / "prep")])
+    assert torch.load(tmp_path / "prep" / "bp_best.pth",
+                      weights_only=True)["conditioning"]["mains_hz"] == 60.0
+    train_bp.main([*argv, "--out_dir", str(tmp_path / "flag"), "--mains_hz", "50"])
+    assert torch.load(tmp_path / "flag" / "bp_best.pth",
+                      weights_only=True)["conditioning"]["mains_hz"] == 50.0
+
+
 def test_filter_auto_follows_the_pretrained_encoder(cohort, tmp_path, capsys):
     argv = ["--npz_dir", cohort["npz"], "--labels_csv", cohort["labels"], "--target_cols",
             *TARGETS, "--arch", "tiny", "--epochs", "1", "--batch_size", "8",
@@ -173,18 +188,34 @@ def test_filter_auto_follows_the_pretrained_encoder(cohort, tmp_path, capsys):
     first = tmp_path / "scratch" / "bp_best.pth"
     assert torch.load(first, weights_only=True)["conditioning"] is None
     capsys.readouterr()
+    # a project checkpoint: its own conditioning, whichever it was
     train_bp.main([*argv, "--out_dir", str(tmp_path / "tuned"), "--pretrain", str(first)])
     out = capsys.readouterr().out
     assert torch.load(tmp_path / "tuned" / "bp_best.pth", weights_only=True)["conditioning"] \
+        is None
+    assert f"--filter auto: none, as --pretrain {first} was trained" in out
+    assert "warning" not in out
+    train_bp.main([*argv, "--out_dir", str(tmp_path / "filtered"), "--filter", "ecgfounder"])
+    filtered = tmp_path / "filtered" / "bp_best.pth"
+    train_bp.main([*argv, "--out_dir", str(tmp_path / "again"), "--pretrain", str(filtered)])
+    assert torch.load(tmp_path / "again" / "bp_best.pth", weights_only=True)["conditioning"] \
         == {"filter": "ecgfounder", "fs": 200.0, "mains_hz": 50.0}
-    assert "--filter auto: ecgfounder" in out
+    capsys.readouterr()
+    # set otherwise on purpose: trained as asked, with the load report's warning
+    train_bp.main([*argv, "--out_dir", str(tmp_path / "asked"), "--pretrain", str(first),
+                   "--filter", "ecgfounder"])
     assert (f"warning: {first} was trained on records filtered none, this run filters "
-            f"ecgfounder at 200 Hz: give train_bp.py --filter as in that run") in out
-    # records without a sampling rate stay unfiltered, with a warning
+            f"ecgfounder at 200 Hz: give train_bp.py --filter as in that run") \
+        in capsys.readouterr().out
+    # ECGFounder's file: ecgfounder; but records without a sampling rate stay unfiltered,
+    # with a warning
+    founder = os.path.join(DATA, "net1d_tiny_ecgfounder_format.pth")
+    train_bp.main([*argv, "--out_dir", str(tmp_path / "founder"), "--pretrain", founder])
+    assert "--filter auto: ecgfounder (ECGFounder's" in capsys.readouterr().out
     plain = prepared_cohort(tmp_path, 6, 1, 3, TARGETS, 400)
     train_bp.main(["--npz_dir", plain["npz"], "--labels_csv", plain["labels"], "--target_cols",
                    *TARGETS, "--arch", "tiny", "--epochs", "1", "--num_workers", "0",
-                   "--out_dir", str(tmp_path / "plain"), "--pretrain", str(first)])
+                   "--out_dir", str(tmp_path / "plain"), "--pretrain", founder])
     assert "warning: --filter auto stays none" in capsys.readouterr().out
     assert torch.load(tmp_path / "plain" / "bp_best.pth",
                       weights_only=True)["conditioning"] is None
