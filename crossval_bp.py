@@ -42,6 +42,10 @@ import utils
 from utils import UserError
 
 MANAGED = ("--folds", "--fold", "--out_dir", "--resume", "--overwrite")
+# train_bp.py's flags that name a file or folder (besides --out_dir, set here): passed on
+# absolute and compared resolved, so a re-run may spell a folder otherwise (prep/npz,
+# ../real/prep/npz) or start from another working directory
+PATH_FLAGS = ("npz_dir", "labels_csv", "pretrain", "cache_dir")
 
 
 def get_args_parser() -> utils.ArgumentParser:
@@ -77,12 +81,30 @@ def fold_argv(train_argv: List[str], out_dir: str, folds: int, fold: int) -> Lis
     """train_bp.py's arguments for one fold: --resume after a kill, --overwrite when a
     kill came before the first checkpoint."""
     out = fold_dir(out_dir, fold)
-    argv = [*train_argv, "--folds", str(folds), "--fold", str(fold), "--out_dir", out]
+    argv = [*train_argv, "--folds", str(folds), "--fold", str(fold),
+            "--out_dir", os.path.abspath(out)]
     if os.path.isfile(os.path.join(out, "bp_last.pth")):
         return argv + ["--resume"]
     if os.path.isdir(out) and os.listdir(out):
         return argv + ["--overwrite"]
     return argv
+
+
+def absolute_paths(train_argv: List[str], parsed) -> List[str]:
+    """``train_argv`` with each path flag given again, absolute, at the end (argparse
+    keeps the last value), so that every fold's args.json names the same files whatever
+    the spelling and working directory of a re-run; ``parsed`` is a fold's parse of it."""
+    extra = [[f"--{key}", os.path.abspath(getattr(parsed, key))] for key in PATH_FLAGS
+             if getattr(parsed, key) is not None]
+    return [*train_argv, *(a for pair in extra for a in pair)]
+
+
+def same_setting(key: str, saved, now) -> bool:
+    """Equal values; for a path flag, paths to the same file (a relative path saved by an
+    older run is read from the working directory)."""
+    if key in (*PATH_FLAGS, "out_dir") and isinstance(saved, str) and isinstance(now, str):
+        return os.path.realpath(saved) == os.path.realpath(now)
+    return saved == now
 
 
 def check_finished_fold(argv: List[str], out: str) -> None:
@@ -91,7 +113,7 @@ def check_finished_fold(argv: List[str], out: str) -> None:
         saved = json.load(fh)
     args = train_bp.parse_args(argv)
     changed = [k for k, v in vars(args).items() if k not in train_bp.RESUMABLE_CHANGES
-               and k in saved and saved[k] != v]
+               and k in saved and not same_setting(k, saved[k], v)]
     if changed:
         raise UserError(f"{out} is a finished fold trained with other settings (--{changed[0]} "
                         f"{saved[changed[0]]!r}, now {getattr(args, changed[0])!r}); use a new "
@@ -210,7 +232,8 @@ def print_summary(report: dict, out_dir: str) -> None:
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
     args, train_argv = parse_args(argv)
-    train_bp.parse_args(fold_argv(train_argv, args.out_dir, args.folds, 0))  # fail early
+    parsed = train_bp.parse_args(fold_argv(train_argv, args.out_dir, args.folds, 0))  # fail early
+    train_argv = absolute_paths(train_argv, parsed)
     run_folds(args, train_argv)
     if utils.dist_env().is_main:
         print_summary(pool(args, train_argv), args.out_dir)

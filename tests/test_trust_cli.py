@@ -3,6 +3,7 @@ leaves no lock file and still keeps two runs apart, a PPG-only file names the fl
 crossval accepts the same folder written as another path, demo.py never deletes a user's
 file, and plot texts fit inside their figures."""
 import fcntl
+import json
 import os
 import shutil
 import subprocess
@@ -12,9 +13,11 @@ import h5py
 import pandas as pd
 import pytest
 
+import crossval_bp
 import make_synthetic_cohort as msc
+import plot_results
 import prepare_kailuan_npz as prep
-from conftest import ROOT
+from conftest import ROOT, prepared_cohort
 from utils import UserError, run_cli
 
 TARGETS = ["right_arm_sbp", "right_arm_dbp"]
@@ -103,3 +106,42 @@ def test_a_file_without_either_signal_gets_no_such_hint(cohort_h5, tmp_path, cap
         del f["signals"]
     assert run_cli(prep.main, prep_argv(h5, tmp_path)) == 2
     assert capsys.readouterr().err == f"error: --ecg_key: signals/ecg does not exist in {h5}\n"
+
+
+# ----------------------------------------------------------------------------- crossval paths
+def cv_argv(npz, labels, out):
+    return ["--folds", "2", "--out_dir", out, "--npz_dir", npz, "--labels_csv", labels,
+            "--target_cols", *TARGETS, "--arch", "tiny", "--epochs", "1", "--batch_size", "8",
+            "--num_workers", "0", "--val_ratio", "0.2", "--seed", "1"]
+
+
+def test_crossval_rerun_naming_the_same_folders_otherwise_keeps_and_resumes_its_folds(
+        tmp_path, monkeypatch):
+    base = tmp_path / "real"
+    (base / "prep").mkdir(parents=True)
+    prepared_cohort(base / "prep", 8, 2, 2, TARGETS, 200)
+    monkeypatch.chdir(base)
+    monkeypatch.setattr(plot_results, "save", lambda *args: [])  # drawing is not the point
+    crossval_bp.main(cv_argv("prep/npz", "prep/labels.csv", "cv"))
+    saved = json.loads((base / "cv" / "fold_0" / "args.json").read_text())
+    assert (saved["npz_dir"], saved["out_dir"]) == (str(base / "prep" / "npz"),
+                                                    str(base / "cv" / "fold_0"))
+    finished = (base / "cv" / "fold_0" / "final_metrics.json").stat().st_mtime_ns
+    pooled = json.loads((base / "cv" / "cv_metrics.json").read_text())["pooled"]
+    (base / "cv" / "fold_1" / "final_metrics.json").unlink()  # fold 1 resumes from bp_last.pth
+    crossval_bp.main(cv_argv("../real/prep/npz", "./prep/../prep/labels.csv", "../real/cv/"))
+    assert (base / "cv" / "fold_0" / "final_metrics.json").stat().st_mtime_ns == finished
+    assert json.loads((base / "cv" / "cv_metrics.json").read_text())["pooled"] == pooled
+    with pytest.raises(UserError, match="--labels_csv"):  # another file is still refused
+        crossval_bp.main(cv_argv("prep/npz", str(tmp_path / "real" / "cv" / "cv_predictions.csv"),
+                                 "cv"))
+
+
+def test_a_relative_path_saved_by_an_older_run_is_read_from_the_working_directory(
+        tmp_path, monkeypatch):
+    (tmp_path / "prep" / "npz").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    assert crossval_bp.same_setting("npz_dir", "prep/npz", str(tmp_path / "prep" / "npz"))
+    assert not crossval_bp.same_setting("npz_dir", "prep/npz", str(tmp_path / "npz"))
+    assert not crossval_bp.same_setting("seed", 1, 2)
+
