@@ -27,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import os
 import zipfile
+import zlib
 from collections import Counter
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -36,7 +37,7 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 import physio
-from utils import NPZ_CHANNELS, UserError, atomic_path, progress, write_json_atomic
+from utils import NPZ_CHANNELS, NPZ_MANIFEST, UserError, atomic_path, progress, write_json_atomic
 
 SKIPPED_COLUMNS = ["ssoid", "path", "reason"]
 
@@ -240,18 +241,68 @@ def load_x(path: str) -> np.ndarray:
         return data["x"]
 
 
+ZIP_MAGIC, NPY_MAGIC = b"PK", b"\x93NUMPY"
+
+
+def _read_x(path: str) -> Tuple[Optional[np.ndarray], str]:
+    """(x, "") of one npz record, or (None, what is missing or wrong with the file)."""
+    try:
+        with open(path, "rb") as fh:
+            magic = fh.read(len(NPY_MAGIC))
+        if not magic.startswith(ZIP_MAGIC):
+            return None, ("empty file" if not magic else "a bare .npy array, not an npz file"
+                          if magic == NPY_MAGIC else "not an npz/zip file")
+        with np.load(path, allow_pickle=False) as data:
+            if "x" not in data.files:
+                return None, f"no array 'x' (holds: {', '.join(data.files) or 'nothing'})"
+            return data["x"], ""
+    except (zipfile.BadZipFile, zlib.error, EOFError) as exc:
+        return None, f"damaged npz/zip file ({type(exc).__name__}: {exc})"
+    except OSError as exc:
+        return None, f"unreadable ({exc.strerror or exc})"
+    except ValueError as exc:
+        # with pickles refused, np.load's ValueError for a zip member is an object array
+        # ("Object arrays cannot be loaded ..." or "... contains pickled (object) data")
+        if "object" in str(exc).lower():
+            return None, "array 'x' is a pickled object array (refused)"
+        return None, f"array 'x' is unreadable ({exc})"
+
+
 def _inspect(path: str, columns: Sequence[int] = (0, 1)) -> Tuple[Optional[int], str]:
     """(length, "") for a good record, (None, reason) for a bad one; only ``columns`` (the
-    signals the folder holds) must be finite: a signal the cohort lacks is all NaN."""
-    try:
-        x = load_x(path)
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
-        return None, f"unreadable ({type(exc).__name__})"
+    signals the model reads) must be finite. A column with no finite value at all is a
+    missing signal (prep leaves a signal the cohort lacks all NaN), and its reason says so:
+    ``check_records`` looks for that reason."""
+    x, reason = _read_x(path)
+    if x is None:
+        return None, reason
     if x.ndim != 2 or x.shape[1] != 2 or x.shape[0] < 2:
         return None, f"shape {tuple(x.shape)} is not (L, 2)"
-    if not np.isfinite(x[:, list(columns)]).all():
-        return None, "non-finite values"
+    for c in columns:
+        finite = np.isfinite(x[:, c])
+        if not finite.any():
+            return None, _missing_reason(c)
+        if not finite.all():
+            return None, (f"non-finite values in the {NPZ_CHANNELS[c].upper()} column "
+                          f"({int((~finite).sum())} of {len(finite)} samples)")
     return int(x.shape[0]), ""
+
+
+def _missing_reason(column: int) -> str:
+    name = NPZ_CHANNELS[column].upper()
+    return f"the {name} column is all NaN (no {name} signal)"
+
+
+def _refuse_a_missing_signal(npz_dir: str, columns: Sequence[int],
+                             reasons: Sequence[str]) -> None:
+    """``UserError`` when a checked column is missing (all NaN) in every file: the folder
+    lacks that signal, which is a choice of modality, not a set of bad files."""
+    for c in columns:
+        if reasons and all(r == _missing_reason(c) for r in reasons):
+            name, other = NPZ_CHANNELS[c], NPZ_CHANNELS[1 - c]
+            raise UserError(f"--npz_dir {npz_dir}: the {name.upper()} column is all NaN in "
+                            f"every file (a {other.upper()}-only folder copied without its "
+                            f"manifest {NPZ_MANIFEST}?): use --modality {other}")
 
 
 def check_records(ids: Sequence[str], npz_dir: str,
@@ -259,9 +310,10 @@ def check_records(ids: Sequence[str], npz_dir: str,
     """Open every record once: (good ids, their common length L, skipped table).
 
     Records whose length differs from the most common one are skipped as well,
-    since a batch needs one length. ``channels``: the signals the folder holds
-    (``utils.npz_channels``); the column of a signal not among them is not checked (prep
-    leaves it all NaN). One thread: ``np.load`` parses each header with ``ast``, which
+    since a batch needs one length. ``channels``: the signals that must be finite (those
+    the model reads); the other column is not checked (prep leaves a signal the cohort lacks
+    all NaN). A signal missing from every file is a ``UserError`` that names the modality to
+    use. One thread: ``np.load`` parses each header with ``ast``, which
     CPython 3.11 can fail on when threads parse at once ("AST constructor recursion depth
     mismatch"), and one thread reads about 4,000 records/s.
     """
@@ -269,6 +321,7 @@ def check_records(ids: Sequence[str], npz_dir: str,
     columns = [NPZ_CHANNELS.index(c) for c in channels]
     results = [_inspect(p, columns) for p in progress(paths, desc="checking npz", unit="rec",
                                                       leave=False)]
+    _refuse_a_missing_signal(npz_dir, columns, [reason for _, reason in results])
     lengths = Counter(n for n, _ in results if n is not None)
     length = lengths.most_common(1)[0][0] if lengths else 0
     good, skipped = [], []

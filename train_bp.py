@@ -354,8 +354,10 @@ def folder_channels(args) -> List[str]:
 
 def check_files(args, rows: pd.DataFrame) -> Tuple[pd.DataFrame, int, pd.DataFrame]:
     """Rows whose npz passed the check, the common length, and the skipped table."""
+    folder_channels(args)  # refuses a --modality whose signal the manifest says is absent
+    used = [utils.NPZ_CHANNELS[c] for c in backbones.MODALITY_CHANNELS[args.modality]]
     good, length, skipped = dataset.check_records(list(rows["ssoid"]), args.npz_dir,
-                                                  channels=folder_channels(args))
+                                                  channels=used)
     if len(skipped):
         print(f"npz check: skipping {len(skipped)} bad records (listed in skipped_records.csv)")
     if not good:

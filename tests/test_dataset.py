@@ -38,9 +38,11 @@ def test_check_records_lists_each_bad_file_with_its_reason(records):
     assert good == ["s0_0", "s1_0", "s2_0"] and length == 50
     assert list(skipped.columns) == ["ssoid", "path", "reason"]
     reasons = dict(zip(skipped["ssoid"], skipped["reason"]))
-    assert reasons == {"s9_nan": "non-finite values", "s9_shape": "shape (50, 3) is not (L, 2)",
+    assert reasons == {"s9_nan": "non-finite values in the PPG column (1 of 50 samples)",
+                       "s9_shape": "shape (50, 3) is not (L, 2)",
                        "s9_short": "length 40 differs from the common length 50",
-                       "s9_junk": "unreadable (ValueError)", "s9_cut": "unreadable (BadZipFile)"}
+                       "s9_junk": "not an npz/zip file",
+                       "s9_cut": "damaged npz/zip file (BadZipFile: File is not a zip file)"}
 
 
 def test_usable_rows_counts_each_drop_reason(records, tmp_path):
