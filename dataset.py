@@ -372,46 +372,65 @@ def model_input(x: np.ndarray, channels: Sequence[int], normalize: bool,
 AUGMENTATIONS = ("shift", "gain", "noise", "wander")
 MAX_SHIFT = 0.1        # share of the record a shift may drop from its start
 GAIN = (0.8, 1.25)     # per-channel amplitude factor, log-uniform
-NOISE_SD = 0.05        # white noise, in z-score units
-WANDER = (0.2, 0.5, 3.0)  # baseline wander: max amplitude (z units), 0.5-3 cycles a record
+NOISE_SD = 0.05        # white noise, times the channel's SD in the record
+WANDER_SD = 0.2        # baseline wander: max amplitude, times the channel's SD in the record
+WANDER_HZ = (0.05, 0.5)  # its frequency in real time: drift and breathing, below any pulse
 
 
 class Augmenter:
-    """Training-time augmentation of z-scored model inputs (C, L), the parts in
-    ``AUGMENTATIONS``:
+    """Training-time augmentation of model inputs (C, L), the parts in ``AUGMENTATIONS``,
+    each sized relative to the record itself, so that z-scored and raw (``--no_zscore``)
+    inputs get the same relative perturbation:
 
     - ``shift``: drop the first k samples, k uniform in [0, MAX_SHIFT x L], from every
-      channel alike and pad the end with zeros (the z-scored mean): the ECG-to-PPG delay,
-      which carries BP, is untouched;
-    - ``gain``: multiply each channel by its own log-uniform factor in GAIN;
-    - ``wander``: add to each channel a sine of up to WANDER[0] with 0.5-3 cycles over
-      the record and a random phase (baseline drift, breathing);
-    - ``noise``: add white noise of SD NOISE_SD.
+      channel alike and repeat each channel's last value over the k freed samples (no step;
+      a mirrored tail would invent beats whose PPG precedes their ECG): the ECG-to-PPG
+      delay, which carries BP, is untouched;
+    - ``gain``: scale each channel about its mean by its own log-uniform factor in GAIN;
+    - ``wander``: add to each channel a sine of WANDER_HZ Hz (uniform; ``fs``, the
+      records' sampling rate, gives the time base) with a random phase and an amplitude of
+      up to WANDER_SD x the channel's SD: baseline drift and breathing. 0.5 Hz is 30 per
+      minute, below a plausible pulse, which the model must read and wander must not
+      imitate. With ``fs`` unknown (None) the part is left out, with a note: a frequency
+      per record (the former 0.5-3 cycles) would put a 2.1 s record's "wander" at 40-100 bpm;
+    - ``noise``: add white noise of SD NOISE_SD x the channel's SD.
 
-    The draws of a record are a function of (seed, epoch, index) alone, so a killed and
-    resumed run, or another number of loader workers, augments identically.
+    A channel's SD is that of the record as given (1 after z-scoring; a flat channel gets
+    no noise or wander). The draws of a record are a function of (seed, epoch, index)
+    alone, so a killed and resumed run, or another number of loader workers, augments
+    identically.
     """
 
-    def __init__(self, parts: Sequence[str], seed: int):
+    def __init__(self, parts: Sequence[str], seed: int, fs: Optional[float] = None):
         unknown = set(parts) - set(AUGMENTATIONS)
         if unknown:
             raise ValueError(f"unknown augmentation {sorted(unknown)}")
-        self.parts, self.seed = set(parts), seed
+        if fs is not None and not fs > 0:
+            raise ValueError(f"fs must be > 0, got {fs}")
+        self.parts, self.seed, self.fs = set(parts), seed, fs
+        if "wander" in self.parts and fs is None:
+            self.parts.discard("wander")
+            print("augment: wander left out: the records' sampling rate is unknown (prep's "
+                  "--record_seconds or --fs_ecg/--fs_ppg records it), so a drift slower "
+                  "than the pulse cannot be told in Hz")
 
     def __call__(self, x: np.ndarray, index: int, epoch: int) -> np.ndarray:
         rng = np.random.default_rng([self.seed, epoch, index])
         c, n = x.shape
+        mean = x.mean(axis=1, keepdims=True, dtype=np.float64)
+        sd = x.std(axis=1, keepdims=True, dtype=np.float64)
         if "shift" in self.parts:
             k = int(rng.integers(0, int(MAX_SHIFT * n) + 1))
-            x = np.concatenate([x[:, k:], np.zeros((c, k), dtype=x.dtype)], axis=1)
+            x = np.pad(x[:, k:], ((0, 0), (0, k)), mode="edge")
         if "gain" in self.parts:
-            x = x * np.exp(rng.uniform(np.log(GAIN[0]), np.log(GAIN[1]), (c, 1)))
+            gain = np.exp(rng.uniform(np.log(GAIN[0]), np.log(GAIN[1]), (c, 1)))
+            x = mean + gain * (x - mean)  # about the mean: a raw record's offset is no amplitude
         if "wander" in self.parts:
-            cycles = rng.uniform(WANDER[1], WANDER[2], (c, 1)) * np.arange(n) / n
-            x = x + rng.uniform(0, WANDER[0], (c, 1)) * np.sin(
+            cycles = rng.uniform(*WANDER_HZ, (c, 1)) * np.arange(n) / self.fs
+            x = x + sd * rng.uniform(0, WANDER_SD, (c, 1)) * np.sin(
                 2 * np.pi * (cycles + rng.uniform(0, 1, (c, 1))))
         if "noise" in self.parts:
-            x = x + rng.normal(0.0, NOISE_SD, x.shape)
+            x = x + sd * rng.normal(0.0, NOISE_SD, x.shape)
         return np.ascontiguousarray(x, dtype=np.float32)
 
 

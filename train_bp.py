@@ -486,7 +486,8 @@ def make_loader(args, part: pd.DataFrame, rows_in_cache: np.ndarray, stats: dict
     y = (part[args.target_cols].to_numpy(np.float64) - stats["target_mean"]) / stats["target_std"]
     cov = dataset.encode_covariates(part, stats["covariates"])[0]
     channels = backbones.MODALITY_CHANNELS[args.modality]
-    augmenter = dataset.Augmenter(args.augment, args.seed) if train and args.augment else None
+    augmenter = (dataset.Augmenter(args.augment, args.seed, stats["sample_rate_hz"])
+                 if train and args.augment else None)
     if cache is not None:
         ds = dataset.CachedBPDataset(list(part["ssoid"]), cache, rows_in_cache, y, channels,
                                      covariates=cov, augmenter=augmenter)

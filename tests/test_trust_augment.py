@@ -1,5 +1,6 @@
-"""Issue 19 (trust fixes) on the model inputs: npz checks that say what is wrong with a file
-(a missing signal, a missing array, a file that is no npz)."""
+"""Issue 19 (trust fixes) on the model inputs: augmentation sized in real time and relative
+to each record, and npz checks that say what is wrong with a file (a missing signal, a
+missing array, a file that is no npz)."""
 import os
 
 import numpy as np
@@ -11,6 +12,85 @@ from conftest import error_line, prepared_cohort
 from utils import UserError, run_cli
 
 TARGETS = ["right_arm_sbp", "right_arm_dbp"]
+
+
+def _z(shape, seed=0):
+    return dataset.zscore(np.random.default_rng(seed).normal(size=shape).astype(np.float32))
+
+
+# ----------------------------------------------------------------------------- wander (item 2)
+def _frequency(y, fs):
+    """The frequency (Hz) of the pure sine ``y``, by least squares over a 0.01 Hz grid."""
+    t = np.arange(len(y)) / fs
+    best = []
+    for f in np.arange(0.01, 5.0, 0.01):
+        basis = np.stack([np.sin(2 * np.pi * f * t), np.cos(2 * np.pi * f * t)], 1)
+        best.append(np.linalg.lstsq(basis, y, rcond=None)[1].sum())
+    return 0.01 * (1 + int(np.argmin(best)))
+
+
+def test_wander_of_a_short_record_stays_below_half_a_hertz_of_real_time():
+    fs, x = 500.0, _z((1, 1050))  # 2.1 s, as a PPG-BP segment
+    aug = dataset.Augmenter(["wander"], seed=4, fs=fs)
+    drifts = [aug(x, index=i, epoch=1)[0] - x[0] for i in range(40)]
+    freqs = np.array([_frequency(d.astype(np.float64), fs) for d in drifts])
+    assert freqs.min() >= 0.05 - 0.01 and freqs.max() <= 0.5 + 0.01  # never a pulse rate
+    assert freqs.max() - freqs.min() > 0.2  # drawn across the band
+    assert max(np.abs(d).max() for d in drifts) <= dataset.WANDER_SD + 1e-6
+
+
+def test_wander_is_left_out_with_a_note_when_the_rate_is_unknown(capsys):
+    x = _z((2, 300))
+    aug = dataset.Augmenter(["wander"], seed=1)
+    assert "wander left out" in capsys.readouterr().out
+    np.testing.assert_array_equal(aug(x, 0, 1), x)
+
+
+def test_training_hands_the_records_sampling_rate_to_the_augmenter(tmp_path, monkeypatch):
+    import prepare_kailuan_npz as prep
+    import make_synthetic_cohort
+
+    h5 = str(tmp_path / "cohort.h5")
+    make_synthetic_cohort.make_cohort(h5, n_subjects=8, records_per_subject=2, seed=3)
+    prep.main(["--h5_path", h5, "--target_cols", *TARGETS, "--output_npz",
+               str(tmp_path / "npz"), "--output_csv", str(tmp_path / "labels.csv"),
+               "--target_seq_len", "300", "--workers", "1", "--record_seconds", "15"])
+    seen = []
+
+    class Spy(dataset.Augmenter):
+        def __init__(self, parts, seed, fs=None):
+            seen.append(fs)
+            super().__init__(parts, seed, fs)
+
+    monkeypatch.setattr(dataset, "Augmenter", Spy)
+    train_bp.main(["--npz_dir", str(tmp_path / "npz"), "--labels_csv",
+                   str(tmp_path / "labels.csv"), "--out_dir", str(tmp_path / "run"),
+                   "--target_cols", *TARGETS, "--arch", "tiny", "--epochs", "1",
+                   "--batch_size", "8", "--num_workers", "0", "--val_ratio", "0.25",
+                   "--test_ratio", "0.25"])
+    assert seen == [pytest.approx(300 / 15)]
+
+
+# ----------------------------------------------------------------------------- raw inputs (item 3)
+def test_augmenting_a_raw_record_matches_augmenting_it_z_scored():
+    z = _z((2, 800), seed=2)
+    mean = np.array([[3.0], [-40.0]], np.float32)
+    sd = np.array([[2.0], [0.05]], np.float32)
+    raw = mean + sd * z
+    for parts in (["shift"], ["gain"], ["noise"], ["wander"], dataset.AUGMENTATIONS):
+        aug = dataset.Augmenter(parts, seed=7, fs=250.0)
+        for index in range(3):
+            np.testing.assert_allclose(aug(raw, index, 2), mean + sd * aug(z, index, 2),
+                                       rtol=0, atol=2e-4 * np.abs(mean).max())
+
+
+def test_a_shift_repeats_the_last_value_instead_of_stepping_to_zero():
+    raw = np.stack([np.linspace(5.0, 6.0, 500), np.full(500, -3.0)]).astype(np.float32)
+    out = dataset.Augmenter(["shift"], seed=0)(raw, index=1, epoch=1)
+    k = int(np.sum(out[0] == raw[0, -1])) - 1  # samples held after the original last one
+    assert k > 0
+    np.testing.assert_array_equal(out[:, :-k], raw[:, k:])
+    np.testing.assert_array_equal(out[:, -k:], np.repeat(raw[:, -1:], k, axis=1))
 
 
 # ----------------------------------------------------------------------------- npz checks (16, 17)
