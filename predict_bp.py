@@ -10,9 +10,11 @@ written by ``prepare_kailuan_npz.py``; ``--h5_path`` reads a Kailuan-layout HDF5
 same reader and resampler, without writing npz files (a model trained on records at a known
 sampling rate needs the rows' time base: ``--record_seconds`` or ``--fs_ecg``/``--fs_ppg``, as
 at prep; npz files at another rate are refused). The output CSV has ``ssoid``,
-``<target>_pred`` per target and ``split`` (the record's split in the checkpoint's run, or
-``new``); with ``--labels_csv`` it has ``<target>_true`` beside each prediction (empty where
-the label is missing) and ``<output stem>_metrics.json`` holds one block of
+``<target>_pred`` per target and ``split``: the record's split in the checkpoint's run (by
+ssoid, or by signal digest for a renamed copy), else ``<split>_subject`` for a new record of
+a subject the run saw (the run's subject rule, see ``subject_candidates``), else ``new``;
+with ``--labels_csv`` it has ``<target>_true`` beside each prediction (empty where the label
+is missing) and ``<output stem>_metrics.json`` holds one block of
 ``metrics.split_metrics`` per split, over the records with every label. Records that can't be
 used are listed in ``<output stem>_skipped.csv``.
 
@@ -31,7 +33,7 @@ import itertools
 import math
 import os
 from collections import Counter
-from typing import Iterator, List, Optional, Sequence, Tuple
+from typing import Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 import pandas as pd
@@ -44,6 +46,7 @@ import metrics
 import physio
 import prepare_kailuan_npz as prep
 import utils
+from prepare_kailuan_npz import DIGEST_COLUMN
 from utils import UserError
 
 Batch = Tuple[List[str], torch.Tensor, torch.Tensor]  # ids, x, covariates
@@ -100,6 +103,13 @@ def load_model(args) -> Tuple[backbones.BPModel, dict]:
     model.load_state_dict(ckpt["model"])
     ckpt.setdefault("covariates", [])  # checkpoints from before covariates existed
     return model.eval(), ckpt
+
+
+def read_labels(path: str, ckpt: dict) -> pd.DataFrame:
+    """The labels CSV, with the column the run took subjects from and the signal digests
+    kept as text (so they compare with the run's)."""
+    text = [c for c in (ckpt["args"].get("subject_col"), DIGEST_COLUMN) if c]
+    return dataset.read_labels(path, ckpt["target_cols"], text=text)
 
 
 def check_time_base(args, ckpt: dict) -> prep.TimeBase:
@@ -206,11 +216,12 @@ def metadata_covariates(ckpt: dict) -> List[str]:
     return [s["name"] for s in ckpt["covariates"] if s["name"] not in physio.FEATURE_COLUMNS]
 
 
-def h5_batches(args, ckpt: dict, skipped: list, filled: Counter,
-               time_base: prep.TimeBase) -> Tuple[Optional[int], Iterator[Batch]]:
+def h5_batches(args, ckpt: dict, skipped: list, filled: Counter, time_base: prep.TimeBase,
+               digests: Dict[str, str]) -> Tuple[Optional[int], Iterator[Batch]]:
     """Records of a cohort HDF5, prepared exactly as prepare_kailuan_npz.py does (with
     ``time_base``, and the physiological features that the model's covariates name computed
-    by the same code from the same resampled rows)."""
+    by the same code from the same resampled rows); each record's signal digest, as prep
+    computes it from the raw rows, is added to ``digests``."""
     channels = backbones.MODALITY_CHANNELS[ckpt["modality"]]
     check_channels(args, ckpt, prep.present_channels(args),
                    f"--h5_path {args.h5_path} with --ecg_key {args.ecg_key} --ppg_key "
@@ -243,6 +254,7 @@ def h5_batches(args, ckpt: dict, skipped: list, filled: Counter,
                 skipped.append((rec.id, "duplicate_id"))
                 continue
             seen.add(rec.id)
+            digests[rec.id] = prep.signal_digest(rec.ecg, rec.ppg)
             x, reason = prep.record_to_x(rec.ecg, rec.ppg, ckpt["seq_len"], time_base)
             if reason:
                 skipped.append((rec.id, reason))
@@ -298,22 +310,117 @@ def truths(labels: pd.DataFrame, ids: Sequence[str]) -> pd.DataFrame:
     return labels
 
 
-SPLIT_ORDER = ("new", "test", "val", "train", "unknown")
-SPLIT_MEANING = {"new": "records the checkpoint's run never saw",
-                 "test": "the run's test split", "val": "the run's validation split",
-                 "train": "records the model was trained on: not a measure of performance",
-                 "unknown": "the checkpoint does not say which records it was trained on"}
+# ----------------------------------------------------------------------------- seen or new
+SPLIT_ORDER = ("new", "test_subject", "val_subject", "train_subject", "test", "val", "train",
+               "unknown")
+SPLIT_MEANING = {
+    "new": "subjects the checkpoint's run never saw",
+    "test_subject": "subject in the run's test split: more records of subjects already in "
+                    "the run's test figures, not new subjects",
+    "val_subject": "subject in the run's val split, which chose the epoch: not an "
+                   "unseen-subject estimate",
+    "train_subject": "subject in the run's train split: not an unseen-subject estimate",
+    "test": "the run's test split", "val": "the run's validation split",
+    "train": "records the model was trained on: not a measure of performance",
+    "unknown": "the checkpoint does not say which records it was trained on"}
+UNCHECKED_NEW = "records the checkpoint's run never saw; their subjects could not be checked"
 
 
-def splits_of(ckpt: dict, ids: Sequence[str]) -> List[str]:
-    """Each record's split in the checkpoint's own run (``new`` if the run never saw it;
-    ``unknown`` for every record when the checkpoint predates the record of its split)."""
+class RunMembers(NamedTuple):
+    """The checkpoint's run, each member mapped to its split: record ids, subjects (None
+    when unknown) and signal digests; ``by_prefix``: its subjects are its ssoids' parts
+    before the first ``_`` (so that rule finds a new record's subject)."""
+    ids: Dict[str, str]
+    subjects: Optional[Dict[str, str]]
+    digests: Dict[str, str]
+    by_prefix: bool
+
+
+def run_members(checkpoint: str, ckpt: dict) -> Tuple[RunMembers, str]:
+    """The run's members, and why its subjects are unknown ('' when known): from the
+    checkpoint, else (an older checkpoint) from the run's split.csv beside it."""
+    ids = {s: name for name, members in ckpt["split_ids"].items() for s in members}
+    digests = {d: name for name, members in ckpt.get("split_digests", {}).items()
+               for d in members if d}
+    if "split_subjects" in ckpt:
+        pairs = [(s, subject) for name, members in ckpt["split_ids"].items()
+                 for s, subject in zip(members, ckpt["split_subjects"][name])]
+    else:
+        pairs, why = split_csv_subjects(checkpoint, ids)
+        if pairs is None:
+            return RunMembers(ids, None, digests, False), why
+    subjects = {subject: ids[s] for s, subject in pairs}  # subject-wise: one split each
+    by_prefix = all(subject == utils.subject_of(s) for s, subject in pairs)
+    return RunMembers(ids, subjects, digests, by_prefix), ""
+
+
+def split_csv_subjects(checkpoint: str,
+                       ids: Dict[str, str]) -> Tuple[Optional[List[Tuple[str, str]]], str]:
+    """(ssoid, subject) of the run's records from the split.csv beside ``checkpoint`` when
+    it lists exactly the checkpoint's records, else None and why not."""
+    path = os.path.join(os.path.dirname(os.path.abspath(checkpoint)), "split.csv")
+    if not os.path.isfile(path):
+        return None, "the checkpoint predates the record of its subjects and no split.csv " \
+                     "lies beside it"
+    not_its_run = f"the checkpoint predates the record of its subjects and {path} is not " \
+                  f"the split of its run"
+    try:
+        table = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, OSError):
+        return None, not_its_run
+    if not {"ssoid", "subject_id", "split"} <= set(table.columns) \
+            or dict(zip(table["ssoid"], table["split"])) != ids:
+        return None, not_its_run
+    return list(zip(table["ssoid"], table["subject_id"])), ""
+
+
+def subject_candidates(ckpt: dict, run: RunMembers, labels: Optional[pd.DataFrame],
+                       ids: Sequence[str]) -> Tuple[List[List[str]], str]:
+    """The subjects each record may have under the run's rule: its labels-CSV value in the
+    column the run took subjects from (--subject_col, else subject_id), and its ssoid prefix
+    when that was the run's rule; with none, why."""
+    column = ckpt["args"].get("subject_col") or "subject_id"
+    values = [None] * len(ids)
+    if labels is not None and column in labels.columns:
+        values = labels.drop_duplicates("ssoid").set_index("ssoid")[column] \
+            .reindex(list(ids)).tolist()
+    candidates = [[str(v)] if isinstance(v, str) and v.strip() else [] for v in values]
+    if run.by_prefix:
+        candidates = [c + [utils.subject_of(i)] for c, i in zip(candidates, ids)]
+    source = "no --labels_csv" if labels is None else f"--labels_csv has no {column} value"
+    return candidates, f"the run took its subjects from column {column}, and {source}"
+
+
+def splits_of(args, ckpt: dict, ids: Sequence[str], labels: Optional[pd.DataFrame],
+              digests: Dict[str, str]) -> Tuple[List[str], bool]:
+    """Each record's split in the checkpoint's run: its own, found by ssoid or else by
+    signal digest (a renamed copy); else ``<split>_subject`` when the run saw its subject;
+    else ``new``. ``unknown`` for every record when the checkpoint predates the record of
+    its split. Also whether every ``new`` record's subject was checked."""
     if "split_ids" not in ckpt:
         print(f"warning: this checkpoint does not record its run's split, so the metrics "
               f"cannot tell training records from new ones (split 'unknown')")
-        return ["unknown"] * len(ids)
-    where = {s: name for name, members in ckpt["split_ids"].items() for s in members}
-    return [where.get(i, "new") for i in ids]
+        return ["unknown"] * len(ids), True
+    run, why = run_members(args.checkpoint, ckpt)
+    splits = [run.ids.get(i) or run.digests.get(digests.get(i, "")) for i in ids]
+    copies = sum(s is not None and i not in run.ids for s, i in zip(splits, ids))
+    if copies:
+        print(f"note: {copies} records are renamed copies of the run's records (same "
+              f"{DIGEST_COLUMN}, other ssoid): each is counted in that record's split")
+    unchecked = 0
+    if run.subjects is not None:
+        candidates, why = subject_candidates(ckpt, run, labels, ids)
+        for k, names in enumerate(candidates):
+            seen = [run.subjects[n] for n in names if n in run.subjects]
+            if splits[k] is None and seen:
+                splits[k] = f"{seen[0]}_subject"
+            unchecked += splits[k] is None and not names
+    else:
+        unchecked = sum(s is None for s in splits)
+    if unchecked:
+        print(f"warning: {unchecked} records new to the run cannot be checked for a subject "
+              f"it saw ({why}): 'new' counts them unchecked")
+    return [s or "new" for s in splits], not unchecked
 
 
 def split_reports(ckpt: dict, y_true: np.ndarray, y_pred: np.ndarray, subjects: np.ndarray,
@@ -330,13 +437,25 @@ def split_reports(ckpt: dict, y_true: np.ndarray, y_pred: np.ndarray, subjects: 
     return report
 
 
+def record_digests(labels: Optional[pd.DataFrame], computed: Dict[str, str]) -> Dict[str, str]:
+    """ssoid -> signal digest: those computed from the HDF5 rows, else the labels CSV's."""
+    known = {}
+    if labels is not None and DIGEST_COLUMN in labels.columns:
+        rows = labels[labels[DIGEST_COLUMN].notna()]
+        known = dict(zip(rows["ssoid"], rows[DIGEST_COLUMN].astype(str)))
+    return {**known, **computed}
+
+
 def write_outputs(args, ckpt: dict, ids: List[str], y_pred: np.ndarray, skipped: list,
-                  labels: Optional[pd.DataFrame]) -> dict:
+                  labels: Optional[pd.DataFrame],
+                  digests: Dict[str, str]) -> Tuple[dict, Dict[str, str]]:
     """The predictions CSV (with each record's ``split``), the skipped list and, with
-    labels, ``<stem>_metrics.json``; returns the per-split metric blocks."""
+    labels, ``<stem>_metrics.json``; returns the per-split metric blocks and what each
+    split means."""
     stem = os.path.splitext(args.output)[0]
     target_cols = list(ckpt["target_cols"])
-    splits = np.array(splits_of(ckpt, ids))
+    splits, checked = splits_of(args, ckpt, ids, labels, record_digests(labels, digests))
+    splits = np.array(splits)
     report, y_true = {}, None
     if labels is not None:
         labels = truths(labels, ids)
@@ -347,14 +466,16 @@ def write_outputs(args, ckpt: dict, ids: List[str], y_pred: np.ndarray, skipped:
     utils.write_csv_atomic(stem + "_skipped.csv", pd.DataFrame(skipped, columns=["ssoid", "reason"]))
     if report:
         utils.write_json_atomic(stem + "_metrics.json", {"target_cols": target_cols, **report})
-    return report
+    return report, {**SPLIT_MEANING, **({} if checked else {"new": UNCHECKED_NEW})}
 
 
-def summary(args, ids: List[str], skipped: list, report: dict, filled: Counter) -> str:
-    """What the run did, then one line per split with labels: never a mix of splits."""
+def summary(args, ids: List[str], skipped: list, report: dict, meaning: Dict[str, str],
+            filled: Counter) -> str:
+    """What the run did, then one line per split with labels, saying what the split
+    means: never a mix of splits."""
     lines = [f"predicted {len(ids)} records, skipped {len(skipped)}; wrote {args.output}"]
     lines += [f"{name}: MAE mean {block['mean']['mae']:.2f} mmHg over {block['n_records']} "
-              f"labelled records ({SPLIT_MEANING[name]})" for name, block in report.items()]
+              f"labelled records ({meaning[name]})" for name, block in report.items()]
     lines += [f"covariate {name}: {n} values missing or unseen in training, filled as in "
               f"training" for name, n in filled.items() if n]
     return "\n".join(lines)
@@ -364,20 +485,21 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     args = get_args_parser().parse_args(argv)
     check_args(args)
     model, ckpt = load_model(args)
-    labels = (dataset.read_labels(args.labels_csv, ckpt["target_cols"])  # fail before predicting
+    labels = (read_labels(args.labels_csv, ckpt)  # fail before predicting
               if args.labels_csv else None)
     check_covariates(args, ckpt, labels)
     time_base = check_time_base(args, ckpt)
     device = engine.resolve_device(args.device)
     skipped: list = []
     filled: Counter = Counter()
+    digests: Dict[str, str] = {}
     if args.npz_dir:
         total, batches = npz_batches(args, ckpt, skipped, filled, labels)
     else:
-        total, batches = h5_batches(args, ckpt, skipped, filled, time_base)
+        total, batches = h5_batches(args, ckpt, skipped, filled, time_base, digests)
     ids, y_pred = predict(model, batches, total, ckpt, device)
-    report = write_outputs(args, ckpt, ids, y_pred, skipped, labels)
-    print(summary(args, ids, skipped, report, filled))
+    report, meaning = write_outputs(args, ckpt, ids, y_pred, skipped, labels, digests)
+    print(summary(args, ids, skipped, report, meaning, filled))
 
 
 if __name__ == "__main__":

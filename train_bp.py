@@ -936,8 +936,15 @@ def save_epoch(args, model, stats: dict, epoch: int, rows: pd.DataFrame, seq_len
                improved: bool, state: Optional[dict], history: List[dict]) -> None:
     """bp_best.pth (when improved), bp_last.pth and history.csv; rank 0 only. Epoch 0
     (``state`` None: nothing trained yet) writes bp_best.pth alone."""
-    split_ids = {name: part["ssoid"].tolist() for name, part in rows.groupby("split")}
-    payload = checkpoint_payload(args, model, stats, epoch, seq_len, split_ids)
+    parts = rows.groupby("split")
+    split_ids = {name: part["ssoid"].tolist() for name, part in parts}
+    # each record's subject and the recordings' digests let predict_bp.py tell a new record
+    # of a subject the run saw, or a renamed copy of one of its records, from a new subject
+    payload = {**checkpoint_payload(args, model, stats, epoch, seq_len, split_ids),
+               "split_subjects": {name: part["subject_id"].tolist() for name, part in parts}}
+    if DIGEST_COLUMN in rows.columns:
+        payload["split_digests"] = {name: part[DIGEST_COLUMN].dropna().astype(str).tolist()
+                                    for name, part in parts}
     if improved:
         utils.save_checkpoint(os.path.join(args.out_dir, "bp_best.pth"), payload)
     if state is None:

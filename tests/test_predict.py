@@ -61,7 +61,9 @@ def test_metrics_come_per_split_and_training_records_are_never_the_headline(
     out = tmp_path / "all.csv"
     split = pd.read_csv(trained["run"] / "split.csv", dtype=str).set_index("ssoid")
     labels = pd.read_csv(cohort["labels"], dtype={"ssoid": str})
-    new = labels.iloc[:2].assign(ssoid=["newcomer_1", "newcomer_2"])  # records the run never saw
+    # records of a subject the run never saw (their own recordings: other signal digests)
+    new = labels.iloc[:2].assign(ssoid=["newcomer_1", "newcomer_2"],
+                                 signal_digest=["recording_1", "recording_2"])
     npz = tmp_path / "npz"
     shutil.copytree(cohort["npz"], npz)
     for old_id, new_id in zip(labels["ssoid"].iloc[:2], new["ssoid"]):
