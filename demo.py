@@ -3,6 +3,10 @@ make a Kailuan-layout HDF5 -> prepare_kailuan_npz.py -> train_bp.py -> metrics.
 
     python demo.py --out demo_out          # or: make demo
 
+A re-run into the same --out replaces what the demo wrote there (cohort.h5, npz/, the
+labels CSV and the two files prep writes beside it, run/) and keeps every other file; a
+non-empty folder that demo.py did not make (it has no .bp_demo marker) is refused.
+
 Each step is printed as the shell command it runs. Prep also computes each record's
 physiology (--features: pulse arrival time, heart rate, ...). A small Net1D (--arch small)
 reads ECG+PPG and the covariates age, sex, BMI, pulse arrival time and heart rate, and
@@ -18,15 +22,16 @@ import shutil
 import subprocess
 import sys
 import time
-from typing import List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
+from prepare_kailuan_npz import rejected_path, settings_path
 from utils import ArgumentParser, UserError, run_cli
 
 TARGETS = ["right_arm_dbp", "left_arm_mbp", "right_arm_pp", "right_arm_sbp", "left_arm_sbp"]
 DEMOGRAPHICS = ["age", "sex", "bmi"]
 COVARIATES = DEMOGRAPHICS + ["pat_foot_ms", "hr_bpm"]  # metadata, then physio.py's features
 RECORD_SECONDS = 15  # the synthetic cohort's rows span 15 s
-MARKER = ".bp_demo"  # marks a folder this script made, so a re-run may clear it
+MARKER = ".bp_demo"  # marks a folder this script made, so a re-run may replace its outputs
 
 
 def get_args_parser() -> ArgumentParser:
@@ -43,15 +48,34 @@ def get_args_parser() -> ArgumentParser:
     return p
 
 
-def fresh_folder(path: str) -> None:
-    """Create ``path``; clear it only when an earlier demo made it."""
-    if os.path.isdir(path) and os.listdir(path):
-        if not os.path.isfile(os.path.join(path, MARKER)):
-            raise UserError(f"--out {path} is not empty and was not made by demo.py; "
-                            f"choose another --out")
-        shutil.rmtree(path)
-    os.makedirs(path, exist_ok=True)
-    open(os.path.join(path, MARKER), "w").close()
+def demo_paths(out: str) -> Dict[str, str]:
+    """Where each step writes inside ``--out``."""
+    return {name: os.path.join(out, base) for name, base in
+            (("h5", "cohort.h5"), ("npz", "npz"), ("labels", "labels.csv"), ("run", "run"))}
+
+
+def demo_outputs(out: str) -> List[str]:
+    """Every entry of ``--out`` that the steps write (prep adds two files beside the CSV)."""
+    paths = demo_paths(out)
+    return [*paths.values(), rejected_path(paths["labels"]), settings_path(paths["labels"])]
+
+
+def fresh_folder(out: str) -> None:
+    """Create ``out``, or in a folder an earlier demo made remove that demo's outputs and
+    keep everything else; a non-empty folder without the marker is refused untouched."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise UserError(f"--out {out} is a file, not a folder")
+    if os.path.isdir(out) and os.listdir(out) and not os.path.isfile(os.path.join(out, MARKER)):
+        raise UserError(f"--out {out} is not empty and was not made by demo.py; choose a new "
+                        f"or empty folder")
+    for path in demo_outputs(out):
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path)
+        elif os.path.lexists(path):
+            os.remove(path)
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, MARKER), "w", encoding="utf-8") as fh:
+        fh.write("made by demo.py: a re-run replaces its outputs here and keeps other files\n")
 
 
 def step(title: str, argv: List[str]) -> None:
@@ -64,10 +88,7 @@ def step(title: str, argv: List[str]) -> None:
 def main(argv: Optional[Sequence[str]] = None) -> None:
     args = get_args_parser().parse_args(argv)
     fresh_folder(args.out)
-    h5 = os.path.join(args.out, "cohort.h5")
-    npz = os.path.join(args.out, "npz")
-    labels = os.path.join(args.out, "labels.csv")
-    run = os.path.join(args.out, "run")
+    h5, npz, labels, run = demo_paths(args.out).values()
     tic = time.perf_counter()
     step("1/3 make a synthetic cohort in the Kailuan layout",
          ["make_synthetic_cohort.py", "--out", h5, "--n_subjects", str(args.n_subjects),

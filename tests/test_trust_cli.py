@@ -14,6 +14,7 @@ import pandas as pd
 import pytest
 
 import crossval_bp
+import demo
 import make_synthetic_cohort as msc
 import plot_results
 import prepare_kailuan_npz as prep
@@ -145,3 +146,42 @@ def test_a_relative_path_saved_by_an_older_run_is_read_from_the_working_director
     assert not crossval_bp.same_setting("npz_dir", "prep/npz", str(tmp_path / "npz"))
     assert not crossval_bp.same_setting("seed", 1, 2)
 
+
+# ----------------------------------------------------------------------------- demo --out
+def fake_demo_outputs(out):
+    """What a finished demo leaves in ``out`` (its entries, not their real contents)."""
+    for name in ("npz", "run/plots"):
+        (out / name).mkdir(parents=True)
+    for name in ("cohort.h5", "labels.csv", "labels_rejected.csv", "labels_prepare.json",
+                 "npz/a_1.npz", "run/bp_best.pth"):
+        (out / name).write_text("demo")
+
+
+def test_a_demo_rerun_replaces_its_outputs_and_keeps_the_users_files(tmp_path):
+    out = tmp_path / "demo_out"
+    demo.fresh_folder(str(out))
+    fake_demo_outputs(out)
+    (out / "notes.txt").write_text("mine")
+    (out / "mine").mkdir()
+    demo.fresh_folder(str(out))  # the second `make demo`
+    assert sorted(os.listdir(out)) == [demo.MARKER, "mine", "notes.txt"]
+    assert (out / "notes.txt").read_text() == "mine"
+    fake_demo_outputs(out)
+    demo.fresh_folder(str(out))  # and a third
+    assert sorted(os.listdir(out)) == [demo.MARKER, "mine", "notes.txt"]
+
+
+def test_demo_refuses_a_folder_it_did_not_make_and_touches_nothing(tmp_path):
+    out = tmp_path / "results"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    (out / "run").mkdir()  # a name the demo writes, but not the demo's
+    result = subprocess.run([sys.executable, "demo.py", "--out", str(out)], cwd=ROOT,
+                            capture_output=True, text=True)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr == (f"error: --out {out} is not empty and was not made by demo.py; "
+                             f"choose a new or empty folder\n")
+    assert sorted(os.listdir(out)) == ["notes.txt", "run"]
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(UserError, match="is a file, not a folder"):
+        demo.fresh_folder(str(tmp_path / "file"))
