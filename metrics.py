@@ -30,7 +30,8 @@ any clinical resolution absorbs float rounding (128.3 - 123.3 is 5.0000000000000
 """
 from __future__ import annotations
 
-from typing import Dict, NamedTuple, Optional, Sequence
+import math
+from typing import Dict, List, NamedTuple, Optional, Sequence
 
 import numpy as np
 
@@ -267,6 +268,20 @@ def split_metrics(y_true: np.ndarray, y_pred: np.ndarray, subjects: Sequence,
 
 
 # ----------------------------------------------------------------------------- calibration
+def later_records(subjects: Sequence, order: Sequence) -> Optional[tuple]:
+    """(rows of every record but each subject's first, the row of that subject's first
+    record for each), ``order`` (N,) sorting a subject's records (ties keep the row
+    order); None when no subject has two records."""
+    subjects = np.asarray(subjects).astype(str)
+    rows = np.lexsort((np.arange(len(subjects)), np.asarray(order), subjects))
+    first = np.r_[True, subjects[rows][1:] != subjects[rows][:-1]]
+    if first.all():
+        return None
+    # for each later record, the position of its subject's first record in sorted order
+    start = np.maximum.accumulate(np.where(first, np.arange(len(rows)), 0))
+    return rows[~first], rows[start][~first]
+
+
 def calibrated_block(y_true: np.ndarray, y_pred: np.ndarray, subjects: Sequence,
                      order: Sequence, target_cols: Sequence[str], n_boot: int = N_BOOT,
                      seed: int = BOOT_SEED) -> Optional[Dict[str, object]]:
@@ -290,13 +305,10 @@ def calibrated_block(y_true: np.ndarray, y_pred: np.ndarray, subjects: Sequence,
     n_t = len(target_cols)
     t, p = _checked(np.reshape(y_true, (-1, n_t)), np.reshape(y_pred, (-1, n_t)))
     subjects = np.asarray(subjects).astype(str)
-    rows = np.lexsort((np.arange(len(t)), np.asarray(order), subjects))  # subject, then order
-    first = np.r_[True, subjects[rows][1:] != subjects[rows][:-1]]
-    if first.all():
+    pairs = later_records(subjects, order)
+    if pairs is None:
         return None
-    # for each later record, the position of its subject's first record in sorted order
-    start = np.maximum.accumulate(np.where(first, np.arange(len(rows)), 0))
-    kept, owner = rows[~first], rows[start][~first]
+    kept, owner = pairs
     n_calibrated = int(len(np.unique(subjects[kept])))
     changes = (t[kept] != t[owner]).sum(axis=0)
     counts = {"n_calibration_records": n_calibrated,
@@ -313,3 +325,506 @@ def calibrated_block(y_true: np.ndarray, y_pred: np.ndarray, subjects: Sequence,
         block["note"] = (f"{', '.join(constant)}: the truth never changes within a subject, "
                          f"so its calibrated metrics measure nothing")
     return block
+
+
+# ============================================================================= cuffless-BP evaluation
+# What a reviewer of a cuffless device asks beyond the mean error (docs/metrics.md has the
+# rationale of each number): error by BP range, ISO 81060-2:2018 criterion 2 and its
+# test-population audit, conformal prediction intervals, tracking of within-subject
+# changes, subject-level and subgroup results, and an affine recalibration.
+
+# Lower edges (mmHg) of the clinical bands of a value; a band holds lo <= value < next lo.
+BAND_EDGES = {
+    "sbp": (100, 120, 130, 140, 160, 180),
+    "dbp": (60, 80, 90, 100),
+    "mbp": (70, 80, 90, 100, 110),
+    "pp": (30, 40, 50, 60, 70),
+}
+BAND_KEYS = ("mae", "me", "sd", "within_5", "within_10", "within_15")
+ISO_TOLERANCE_MMHG, ISO_PROBABILITY = 10.0, 0.85
+ISO_MIN_SUBJECTS, ISO_MIN_READINGS, ISO_MIN_SEX_SHARE = 85, 255, 0.30
+# (name, band set, ">=" or "<=", limit mmHg, minimum share of the reference readings)
+ISO_BP_RANGES = (("sbp_ge_160", "sbp", ">=", 160.0, 0.05), ("sbp_le_100", "sbp", "<=", 100.0, 0.05),
+                 ("sbp_ge_140", "sbp", ">=", 140.0, 0.20), ("dbp_le_60", "dbp", "<=", 60.0, 0.05),
+                 ("dbp_ge_100", "dbp", ">=", 100.0, 0.05), ("dbp_ge_85", "dbp", ">=", 85.0, 0.20))
+TRACKING_EXCLUSION_MMHG = 5.0
+CHANGE_EDGES = (5, 10, 15, 20)  # bands of |true change from the subject's first record|
+AGE_EDGES = (40, 50, 60, 70)
+CONSTANT_TRUTH = ("the truth never changes within a subject (one cuff reading per subject?), "
+                  "so there are no BP changes to track")
+
+
+def band_set(target: str) -> Optional[str]:
+    """The band set a target's name implies: sbp, dbp, mbp or pp anywhere in it (case
+    ignored, tried in that order, so ``left_arm_mbp`` is mbp); None when none fits."""
+    name = target.lower()
+    return next((s for s in BAND_EDGES if s in name), None)
+
+
+def band_labels(edges: Sequence[float]) -> List[str]:
+    """``<e0``, ``e0-e1``, ..., ``>=eK``: one label per band of ``band_index``."""
+    return ([f"<{edges[0]:g}"] + [f"{a:g}-{b:g}" for a, b in zip(edges[:-1], edges[1:])]
+            + [f">={edges[-1]:g}"])
+
+
+def band_index(values: np.ndarray, edges: Sequence[float]) -> np.ndarray:
+    """Band of each value: 0 below ``edges[0]``, k for edges[k-1] <= value < edges[k]."""
+    return np.searchsorted(np.asarray(edges, dtype=np.float64), values, side="right")
+
+
+def regression_to_mean(y_true: np.ndarray, y_pred: np.ndarray) -> tuple:
+    """(slope of the least-squares line of prediction on truth, SD(pred) / SD(true)); both
+    1 for a perfect model and 0 for a constant one, (None, None) when the truth is constant."""
+    t, p = _checked(y_true, y_pred)
+    if np.ptp(t) == 0:
+        return None, None
+    tc = t - t.mean()
+    return float(np.sum(tc * (p - p.mean())) / np.sum(tc ** 2)), float(p.std() / t.std())
+
+
+def range_block(y_true: np.ndarray, y_pred: np.ndarray, bands: str) -> dict:
+    """Per band of the true value (set ``bands``, a key of ``BAND_EDGES``): its N and, when
+    N > 0, MAE, ME, SD and the shares within 5/10/15 mmHg (null for an empty band, which is
+    listed all the same); and the regression-to-the-mean numbers of the whole target."""
+    t, p = _checked(y_true, y_pred)
+    edges = BAND_EDGES[bands]
+    index = band_index(t, edges)
+    rows = []
+    for k, label in enumerate(band_labels(edges)):
+        inside = index == k
+        row = {"band": label, "n": int(inside.sum()), **dict.fromkeys(BAND_KEYS)}
+        if inside.any():
+            m = target_metrics(t[inside], p[inside])
+            row.update({key: m[key] for key in BAND_KEYS})
+        rows.append(row)
+    slope, ratio = regression_to_mean(t, p)
+    return {"band_set": bands, "bands": rows, "pred_slope": slope, "sd_ratio": ratio}
+
+
+def target_band_sets(target_cols: Sequence[str],
+                     given: Optional[Sequence[str]] = None) -> List[Optional[str]]:
+    """Each target's band set: ``given`` (one per target, ``auto`` for the name's) or the
+    name's (``band_set``)."""
+    given = list(given) if given else ["auto"] * len(target_cols)
+    return [band_set(c) if g == "auto" else g for c, g in zip(target_cols, given)]
+
+
+def by_range(y_true: np.ndarray, y_pred: np.ndarray, target_cols: Sequence[str],
+             band_sets: Sequence[Optional[str]]) -> dict:
+    """``range_block`` per target; a target without a band set gets a note instead."""
+    t, p = np.reshape(y_true, (-1, len(target_cols))), np.reshape(y_pred, (-1, len(target_cols)))
+    return {c: (range_block(t[:, k], p[:, k], s) if s else
+                {"band_set": None, "note": f"{c} names none of {', '.join(BAND_EDGES)}: no band "
+                                           f"set (--bands sets one)"})
+            for k, (c, s) in enumerate(zip(target_cols, band_sets))}
+
+
+def worst_band(block: dict) -> Optional[dict]:
+    """The non-empty band with the highest MAE of a ``range_block`` (None without bands)."""
+    rows = [r for r in block.get("bands", []) if r["n"]]
+    return max(rows, key=lambda r: r["mae"]) if rows else None
+
+
+# ----------------------------------------------------------------------------- subjects
+def subject_means(values: np.ndarray, subjects: Sequence) -> tuple:
+    """(sorted subject names, (S, T) mean of each column of ``values`` (N, T) per subject)."""
+    values = np.asarray(values, dtype=np.float64).reshape(len(values), -1)
+    names, code = np.unique(np.asarray(subjects).astype(str), return_inverse=True)
+    sums = np.zeros((len(names), values.shape[1]))
+    np.add.at(sums, code, values)
+    return names, sums / np.bincount(code, minlength=len(names))[:, None]
+
+
+def subject_level(y_true: np.ndarray, y_pred: np.ndarray, subjects: Sequence,
+                  target_cols: Sequence[str]) -> dict:
+    """``regression_metrics`` of each subject's mean prediction against its mean truth."""
+    names, t = subject_means(y_true, subjects)
+    p = subject_means(y_pred, subjects)[1]
+    return {"n_subjects": int(len(names)), **regression_metrics(t, p, target_cols)}
+
+
+# ----------------------------------------------------------------------------- ISO 81060-2
+def iso_sd_limit(me: float) -> Optional[float]:
+    """ISO 81060-2:2018 criterion 2: the largest SD of the per-subject mean errors allowed
+    at mean error ``me``, the sigma for which P(|e| <= 10 mmHg) = 0.85 with e ~ N(me,
+    sigma) (the rule behind the standard's table: 6.95 at 0, 4.79 at 5 mmHg). None when
+    |me| > 5 mmHg, where criterion 1 fails and the table ends."""
+    from scipy.optimize import brentq
+    from scipy.stats import norm
+
+    me = abs(float(me))
+    if me > AAMI_MAX_ABS_ME + MMHG_TOL:
+        return None
+    tol = ISO_TOLERANCE_MMHG
+
+    def excess(sigma: float) -> float:
+        return norm.cdf((tol - me) / sigma) - norm.cdf((-tol - me) / sigma) - ISO_PROBABILITY
+
+    return float(brentq(excess, 1e-3, 10 * tol, xtol=1e-9))
+
+
+def iso_criteria(y_true: np.ndarray, y_pred: np.ndarray, subjects: Sequence) -> dict:
+    """Criteria 1 and 2 of ISO 81060-2:2018 for one target. Criterion 2 averages each
+    subject's errors and compares the SD (ddof=1) of those means with ``iso_sd_limit`` of
+    their mean (the same ME as criterion 1 when every subject has as many readings)."""
+    t, p = _checked(y_true, y_pred)
+    e = p - t
+    means = subject_means(e, subjects)[1][:, 0]
+    me2 = float(means.mean())
+    sd2 = float(np.std(means, ddof=1)) if len(means) > 1 else 0.0
+    limit = iso_sd_limit(me2)
+    me1, sd1 = float(e.mean()), float(np.std(e, ddof=1)) if e.size > 1 else 0.0
+    return {"criterion_1": {"me": me1, "sd": sd1, "pass": aami_pass(me1, sd1)},
+            "criterion_2": {"n_subjects": int(len(means)), "me": me2, "sd": sd2, "sd_limit": limit,
+                            "pass": bool(limit is not None and sd2 <= limit + MMHG_TOL)}}
+
+
+def _share_check(values: np.ndarray, op: str, limit: float, minimum: float) -> dict:
+    hit = values >= limit - MMHG_TOL if op == ">=" else values <= limit + MMHG_TOL
+    share = float(hit.mean())
+    return {"n": int(hit.sum()), "share": share, "minimum_share": minimum,
+            "pass": share >= minimum - SHARE_TOL}
+
+
+def population_audit(subjects: Sequence, sbp: Optional[np.ndarray] = None,
+                     dbp: Optional[np.ndarray] = None, sex: Optional[Sequence] = None) -> dict:
+    """The test population against ISO 81060-2:2018's minimums (clause 5.1.2 and 5.1.3
+    as implemented here, see docs/metrics.md): subjects, readings, each sex's share of
+    the subjects, and the shares of the reference readings (``sbp``/``dbp`` truths, one
+    per record) in the high and low ranges. Each check has its number and ``pass``; one
+    that cannot be made (no SBP target, no sex column) is listed in ``not_assessed``.
+    ``pass`` holds when every check was made and passed."""
+    subjects = np.asarray(subjects).astype(str)
+    n_subj = int(len(np.unique(subjects)))
+    checks = {"subjects": {"n": n_subj, "minimum": ISO_MIN_SUBJECTS,
+                           "pass": n_subj >= ISO_MIN_SUBJECTS},
+              "readings": {"n": int(len(subjects)), "minimum": ISO_MIN_READINGS,
+                           "pass": len(subjects) >= ISO_MIN_READINGS}}
+    not_assessed = []
+    if sex is None:
+        not_assessed.append("sex: no sex column")
+    else:
+        checks["sex"] = sex_check(subjects, sex)
+    for name, which, op, limit, minimum in ISO_BP_RANGES:
+        values = sbp if which == "sbp" else dbp
+        if values is None:
+            not_assessed.append(f"{name}: no {which.upper()} target")
+        else:
+            checks[name] = _share_check(np.asarray(values, dtype=np.float64), op, limit, minimum)
+    return {"checks": checks, "not_assessed": not_assessed,
+            "pass": not not_assessed and all(c["pass"] for c in checks.values())}
+
+
+def sex_check(subjects: np.ndarray, sex: Sequence) -> dict:
+    """Each sex's share of the subjects (a subject's first value counts; blank is
+    ``missing``); passes with exactly two sexes, each at least 30 %."""
+    frame = {}
+    for s, v in zip(subjects, _group_text(sex)):
+        frame.setdefault(s, v)
+    values, counts = np.unique(list(frame.values()), return_counts=True)
+    shares = {str(v): float(c / len(frame)) for v, c in zip(values, counts)}
+    known = {v: s for v, s in shares.items() if v != "missing"}
+    return {"shares": shares, "minimum_share": ISO_MIN_SEX_SHARE,
+            "pass": len(known) == 2 and all(s >= ISO_MIN_SEX_SHARE - SHARE_TOL
+                                            for s in known.values())}
+
+
+def iso_block(y_true: np.ndarray, y_pred: np.ndarray, subjects: Sequence,
+              target_cols: Sequence[str], band_sets: Sequence[Optional[str]],
+              sex: Optional[Sequence] = None) -> dict:
+    """``iso_criteria`` of every SBP- and DBP-like target and the ``population_audit``
+    (reference readings: the first SBP-like and DBP-like target). A criterion 1 passed on
+    a population that fails the audit carries a ``note`` saying so."""
+    n_t = len(target_cols)
+    t, p = np.reshape(y_true, (-1, n_t)), np.reshape(y_pred, (-1, n_t))
+    first = {s: t[:, band_sets.index(s)] if s in band_sets else None for s in ("sbp", "dbp")}
+    audit = population_audit(subjects, first["sbp"], first["dbp"], sex)
+    per = {}
+    for k, (c, s) in enumerate(zip(target_cols, band_sets)):
+        if s not in ("sbp", "dbp"):
+            continue
+        per[c] = iso_criteria(t[:, k], p[:, k], subjects)
+        if per[c]["criterion_1"]["pass"] and not audit["pass"]:
+            failed = [n for n, ch in audit["checks"].items() if not ch["pass"]]
+            per[c]["note"] = ("criterion 1 passes, but on a test population that does not meet "
+                              "ISO 81060-2's minimums (" + ", ".join(failed + audit["not_assessed"])
+                              + "): not a validation")
+    return {"per_target": per, "population": audit}
+
+
+# ----------------------------------------------------------------------------- intervals
+def conformal_quantile(scores: np.ndarray, level: float) -> Optional[float]:
+    """The ceil((n + 1) level)-th smallest of n scores (split conformal); None when that
+    rank exceeds n (too few scores for ``level``: the interval would be unbounded)."""
+    scores = np.sort(np.asarray(scores, dtype=np.float64))
+    rank = math.ceil((len(scores) + 1) * level - 1e-9)
+    return float(scores[rank - 1]) if rank <= len(scores) else None
+
+
+def subject_scores(abs_residuals: np.ndarray, subjects: Sequence) -> np.ndarray:
+    """Each subject's largest |residual|: the exchangeable unit's conformity score."""
+    _, code = np.unique(np.asarray(subjects).astype(str), return_inverse=True)
+    out = np.full(int(code.max()) + 1 if len(code) else 0, -np.inf)
+    np.maximum.at(out, code, np.asarray(abs_residuals, dtype=np.float64))
+    return out
+
+
+def fit_conformal(y_true: np.ndarray, y_pred: np.ndarray, subjects: Sequence,
+                  target_cols: Sequence[str], level: float,
+                  mondrian: Optional[Sequence[Optional[str]]] = None) -> dict:
+    """Split-conformal calibration on (validation) records, subjects as the exchangeable
+    unit: per target, ``quantile`` of the subjects' largest |pred - true| (so a new
+    subject's records all lie within pred +/- quantile with probability >= ``level``).
+    ``mondrian`` (band set per target, None for none) adds one quantile per band of the
+    prediction, over each subject's records in that band; a band with too few subjects
+    uses the overall quantile (``fallback``). Plain data, for the checkpoint."""
+    n_t = len(target_cols)
+    t, p = _checked(np.reshape(y_true, (-1, n_t)), np.reshape(y_pred, (-1, n_t)))
+    subjects = np.asarray(subjects).astype(str)
+    out = {"level": float(level), "unit": "subject", "score": "max |pred - true| per subject",
+           "n_subjects": int(len(np.unique(subjects))), "per_target": {}}
+    for k, c in enumerate(target_cols):
+        r = np.abs(p[:, k] - t[:, k])
+        entry = {"quantile": conformal_quantile(subject_scores(r, subjects), level)}
+        sets = mondrian[k] if mondrian else None
+        if sets and entry["quantile"] is not None:
+            entry["mondrian"] = mondrian_quantiles(r, p[:, k], subjects, sets, level,
+                                                   entry["quantile"])
+        out["per_target"][c] = entry
+    return out
+
+
+def mondrian_quantiles(abs_res: np.ndarray, pred: np.ndarray, subjects: np.ndarray,
+                       bands: str, level: float, overall: float) -> dict:
+    index = band_index(pred, BAND_EDGES[bands])
+    quantiles, counts, fallback = [], [], []
+    for k in range(len(BAND_EDGES[bands]) + 1):
+        inside = index == k
+        q = conformal_quantile(subject_scores(abs_res[inside], subjects[inside]), level) \
+            if inside.any() else None
+        counts.append(int(len(np.unique(subjects[inside]))))
+        fallback.append(q is None)
+        quantiles.append(overall if q is None else q)
+    return {"band_set": bands, "bands": band_labels(BAND_EDGES[bands]), "quantiles": quantiles,
+            "n_subjects": counts, "fallback": fallback}
+
+
+def conformal_intervals(y_pred: np.ndarray, calibration: dict,
+                        target_cols: Sequence[str]) -> tuple:
+    """(lo, hi), each (N, T): pred -/+ the target's quantile (its predicted band's with
+    Mondrian); NaN where the calibration had too few subjects for its level."""
+    p = np.asarray(y_pred, dtype=np.float64).reshape(-1, len(target_cols))
+    half = np.full(p.shape, np.nan)
+    for k, c in enumerate(target_cols):
+        entry = calibration["per_target"][c]
+        if entry["quantile"] is None:
+            continue
+        half[:, k] = entry["quantile"]
+        if "mondrian" in entry:
+            m = entry["mondrian"]
+            half[:, k] = np.asarray(m["quantiles"])[band_index(p[:, k], BAND_EDGES[m["band_set"]])]
+    return p - half, p + half
+
+
+def interval_block(y_true: np.ndarray, lo: np.ndarray, hi: np.ndarray, subjects: Sequence,
+                   target_cols: Sequence[str], band_sets: Sequence[Optional[str]],
+                   calibration: dict) -> dict:
+    """Coverage (share of records with lo <= true <= hi), share of subjects with every
+    record covered, and mean width, per target and per band of the true value."""
+    n_t = len(target_cols)
+    t = np.reshape(np.asarray(y_true, dtype=np.float64), (-1, n_t))
+    lo, hi = np.reshape(lo, (-1, n_t)), np.reshape(hi, (-1, n_t))
+    subjects = np.asarray(subjects).astype(str)
+    out = {"level": calibration["level"], "calibrated_on_subjects": calibration["n_subjects"],
+           "per_target": {}}
+    for k, c in enumerate(target_cols):
+        if np.isnan(lo[:, k]).any():
+            out["per_target"][c] = {"note": f"too few calibration subjects "
+                                            f"({calibration['n_subjects']}) for level "
+                                            f"{calibration['level']:g}: no interval"}
+            continue
+        inside = (t[:, k] >= lo[:, k] - MMHG_TOL) & (t[:, k] <= hi[:, k] + MMHG_TOL)
+        width = hi[:, k] - lo[:, k]
+        missed = subject_scores((~inside).astype(np.float64), subjects)
+        entry = {"coverage": float(inside.mean()), "mean_width": float(width.mean()),
+                 "subject_coverage": float(np.mean(missed == 0))}
+        if band_sets[k]:
+            edges = BAND_EDGES[band_sets[k]]
+            index = band_index(t[:, k], edges)
+            entry["by_band"] = [_band_coverage(label, inside[index == b], width[index == b])
+                                for b, label in enumerate(band_labels(edges))]
+        out["per_target"][c] = entry
+    return out
+
+
+def _band_coverage(label: str, inside: np.ndarray, width: np.ndarray) -> dict:
+    some = inside.size > 0
+    return {"band": label, "n": int(inside.size),
+            "coverage": float(inside.mean()) if some else None,
+            "mean_width": float(width.mean()) if some else None}
+
+
+# ----------------------------------------------------------------------------- tracking
+def tracking_block(y_true: np.ndarray, y_pred: np.ndarray, subjects: Sequence, order: Sequence,
+                   target_cols: Sequence[str]) -> dict:
+    """How well predictions follow each subject's BP changes from its first record (in
+    ``order``; IEEE 1708a, ESH 2023), per target over the later records of subjects with
+    two or more: ``change`` (``target_metrics``' MAE, ME, SD and Pearson r of the predicted
+    against the true change), the four-quadrant ``concordance`` (share of changes whose
+    sign the prediction gets right, among true changes of at least
+    ``TRACKING_EXCLUSION_MMHG``; a predicted change of 0 is discordant) and
+    ``by_change_size``: per band of |true change|, N, the MAE of the reading and of the
+    change. Skipped, with the reason, where no subject has two records or the truth never
+    changes."""
+    n_t = len(target_cols)
+    t, p = _checked(np.reshape(y_true, (-1, n_t)), np.reshape(y_pred, (-1, n_t)))
+    pairs = later_records(subjects, order)
+    if pairs is None:
+        return {"skipped": "no subject has two or more records"}
+    kept, owner = pairs
+    out = {"n_subjects": int(len(np.unique(np.asarray(subjects).astype(str)[kept]))),
+           "n_changes": int(len(kept)), "exclusion_mmhg": TRACKING_EXCLUSION_MMHG,
+           "per_target": {}}
+    for k, c in enumerate(target_cols):
+        dt, dp = t[kept, k] - t[owner, k], p[kept, k] - p[owner, k]
+        if not dt.any():
+            out["per_target"][c] = {"skipped": CONSTANT_TRUTH}
+            continue
+        out["per_target"][c] = change_metrics(dt, dp, np.abs(p[kept, k] - t[kept, k]))
+    return out
+
+
+def change_metrics(dt: np.ndarray, dp: np.ndarray, reading_abs_error: np.ndarray) -> dict:
+    """``tracking_block``'s numbers of one target from the true and predicted changes."""
+    m = target_metrics(dt, dp)
+    big = np.abs(dt) >= TRACKING_EXCLUSION_MMHG - MMHG_TOL
+    agree = np.sign(dp[big]) == np.sign(dt[big])
+    index = band_index(np.abs(dt), CHANGE_EDGES)
+    sizes = []
+    for b, label in enumerate(band_labels(CHANGE_EDGES)):
+        inside = index == b
+        some = bool(inside.any())
+        sizes.append({"change": label, "n": int(inside.sum()),
+                      "reading_mae": float(reading_abs_error[inside].mean()) if some else None,
+                      "change_mae": float(np.abs(dp - dt)[inside].mean()) if some else None})
+    return {"n_changed": int(np.count_nonzero(dt)),
+            "change": {key: m[key] for key in ("mae", "me", "sd", "pearson")},
+            "concordance": float(agree.mean()) if big.any() else None,
+            "n_concordance": int(big.sum()), "by_change_size": sizes}
+
+
+# ----------------------------------------------------------------------------- subgroups
+def _group_text(values: Sequence) -> List[str]:
+    """Values as group names: numbers without a trailing .0, blanks as ``missing``."""
+    out = []
+    for v in values:
+        if v is None or (isinstance(v, float) and math.isnan(v)) or str(v).strip() == "":
+            out.append("missing")
+        elif isinstance(v, (float, np.floating)) and float(v).is_integer():
+            out.append(str(int(v)))
+        else:
+            out.append(str(v))
+    return out
+
+
+def age_groups(age: Sequence) -> List[str]:
+    """Age bands (``AGE_EDGES``) of numeric ages; blank or non-numeric is ``missing``."""
+    a = np.array([_number(v) for v in age], dtype=np.float64)
+    labels = band_labels(AGE_EDGES)
+    index = band_index(np.nan_to_num(a), AGE_EDGES)
+    return [labels[i] if np.isfinite(x) else "missing" for i, x in zip(index, a)]
+
+
+def _number(v) -> float:
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def subgroup_block(y_true: np.ndarray, y_pred: np.ndarray, subjects: Sequence,
+                   target_cols: Sequence[str], groups: Dict[str, Sequence[str]],
+                   n_boot: int = N_BOOT, seed: int = BOOT_SEED) -> dict:
+    """Per grouping (e.g. ``{"sex": [...], "age": age_groups(...)}``, a group name per
+    record) and group: records, subjects and per target the MAE with its
+    subject-bootstrap 95 % interval (``bootstrap_mae_ci`` within the group)."""
+    n_t = len(target_cols)
+    t, p = _checked(np.reshape(y_true, (-1, n_t)), np.reshape(y_pred, (-1, n_t)))
+    subjects = np.asarray(subjects).astype(str)
+    out = {}
+    for name, labels in groups.items():
+        labels = np.asarray(labels).astype(str)
+        rows = []
+        for g in sorted(set(labels.tolist())):
+            inside = labels == g
+            err = np.abs(p[inside] - t[inside])
+            ci = bootstrap_mae_ci(err, subjects[inside], n_boot, seed)
+            rows.append({"group": g, "n_records": int(inside.sum()),
+                         "n_subjects": int(len(np.unique(subjects[inside]))),
+                         "per_target": {c: {"mae": float(err[:, k].mean()),
+                                            "mae_ci95": ci[k].tolist()}
+                                        for k, c in enumerate(target_cols)}})
+        out[name] = rows
+    return out
+
+
+# ----------------------------------------------------------------------------- recalibration
+def fit_affine(y_true: np.ndarray, y_pred: np.ndarray, target_cols: Sequence[str]) -> dict:
+    """Per target the least-squares map truth ~ slope x pred + intercept (fit it on the
+    validation split only); slope 1 and the mean offset when the predictions are constant.
+    Plain data, for the checkpoint."""
+    n_t = len(target_cols)
+    t, p = _checked(np.reshape(y_true, (-1, n_t)), np.reshape(y_pred, (-1, n_t)))
+    out = {}
+    for k, c in enumerate(target_cols):
+        pc = p[:, k] - p[:, k].mean()
+        slope = float(np.sum(pc * (t[:, k] - t[:, k].mean())) / np.sum(pc ** 2)) \
+            if np.ptp(p[:, k]) > 0 else 1.0
+        out[c] = {"slope": slope, "intercept": float(t[:, k].mean() - slope * p[:, k].mean())}
+    return out
+
+
+def apply_affine(y_pred: np.ndarray, affine: dict, target_cols: Sequence[str]) -> np.ndarray:
+    """``y_pred`` (N, T) through each target's ``fit_affine`` map."""
+    p = np.asarray(y_pred, dtype=np.float64).reshape(-1, len(target_cols))
+    slope = np.array([affine[c]["slope"] for c in target_cols])
+    return p * slope + np.array([affine[c]["intercept"] for c in target_cols])
+
+
+def recalibration_block(y_true: np.ndarray, raw: np.ndarray, affine: dict,
+                        target_cols: Sequence[str], applied: bool,
+                        decimals: Optional[int] = None) -> dict:
+    """The split's ``regression_metrics`` of the raw and of the affine-recalibrated
+    predictions side by side, with the map (fitted on validation) and whether the run's
+    reported predictions are the recalibrated ones (``applied``)."""
+    mapped = apply_affine(raw, affine, target_cols)
+    if decimals is not None:
+        mapped = np.round(mapped, decimals)
+    return {"fitted_on": "val", "applied": bool(applied), "map": affine,
+            "raw": regression_metrics(y_true, raw, target_cols),
+            "affine": regression_metrics(y_true, mapped, target_cols)}
+
+
+# ----------------------------------------------------------------------------- one split
+def clinical_blocks(y_true: np.ndarray, y_pred: np.ndarray, subjects: Sequence,
+                    target_cols: Sequence[str], band_sets: Sequence[Optional[str]],
+                    order: Optional[Sequence] = None,
+                    groups: Optional[Dict[str, Sequence[str]]] = None,
+                    sex: Optional[Sequence] = None,
+                    intervals: Optional[tuple] = None) -> dict:
+    """The cuffless-BP blocks of one split: ``by_range``, ``iso81060_2``, ``subject_level``,
+    ``tracking`` (subjects' records in ``order``, default the row order), ``subgroups``
+    (when ``groups`` has any) and with ``intervals`` = (lo, hi, calibration) the
+    ``intervals`` coverage."""
+    order = np.arange(len(subjects)) if order is None else order
+    out = {"by_range": by_range(y_true, y_pred, target_cols, band_sets),
+           "iso81060_2": iso_block(y_true, y_pred, subjects, target_cols, band_sets, sex),
+           "subject_level": subject_level(y_true, y_pred, subjects, target_cols),
+           "tracking": tracking_block(y_true, y_pred, subjects, order, target_cols)}
+    if groups:
+        out["subgroups"] = subgroup_block(y_true, y_pred, subjects, target_cols, groups)
+    if intervals is not None:
+        lo, hi, calibration = intervals
+        out["intervals"] = interval_block(y_true, lo, hi, subjects, target_cols, band_sets,
+                                          calibration)
+    return out
