@@ -11,7 +11,10 @@ the run folder and writes into ``<out_dir>/plots/``:
   with the mean error (ME) and the limits of agreement ME +/- 1.96 SD.
 
 Titles carry the metrics of final_metrics.json; any it lacks (a run from an older
-version) are computed from the predictions by metrics.py. train_bp.py calls ``plot_run``
+version) are computed from the predictions by metrics.py. Titles break into lines that fit
+the figure (or panel) width, figure legends take as many columns as fit, and the figure
+grows taller by the lines this adds, so nothing is cut at any number of targets (the test
+checks every drawn text at 1, 2, 5 and 8). train_bp.py calls ``plot_run``
 at the end of training. Figures are drawn without pyplot (Agg canvas), so no display
 and no global state are involved.
 """
@@ -26,7 +29,9 @@ import numpy as np
 import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.font_manager import FontProperties
 from matplotlib.ticker import MaxNLocator
+from matplotlib.transforms import ScaledTranslation
 
 import metrics
 import utils
@@ -38,6 +43,9 @@ PANEL_INCHES = 4.2   # width of one panel; a scatter panel also needs room for i
 TARGET_PANEL_HEIGHT = PANEL_INCHES + 0.5
 MAX_COLS = 3
 DPI = 130
+TITLE_SEP = "   \u2022   "  # between the parts of a figure title; a line may break there
+LEGEND_DROP_INCHES = 0.5  # from an axes' lower edge to a legend below its x label
+FIT = 0.96  # share of the figure (or panel) width that a title or legend may take
 HISTORY_COLUMNS = ("epoch", "train_loss", "val_loss", "val_mae_mean")
 
 
@@ -139,10 +147,50 @@ def split_title(split: str, block: dict, n_records: int) -> str:
         parts.append(f"mean MAE {mean_mae:.2f} mmHg")
     if base_mae is not None:
         parts.append(f"train-mean predictor {base_mae:.2f} mmHg")
-    return "   \u2022   ".join(parts)
+    return TITLE_SEP.join(parts)
 
 
 # ============================================================================= figures
+def fitted_text(fig: Figure, text: str, fontsize: str, width_inches: float) -> str:
+    """``text`` with line breaks so that no line is wider than ``width_inches`` where that
+    can be: between the parts of a title first, then between the words of a part."""
+    renderer, font = fig.canvas.get_renderer(), FontProperties(size=fontsize)
+
+    def fits(line: str) -> bool:
+        width = renderer.get_text_width_height_descent(line, font, ismath=False)[0]
+        return width <= width_inches * fig.dpi
+
+    def pack(items: List[str], sep: str) -> List[str]:
+        lines: List[str] = []
+        for item in items:
+            if lines and fits(lines[-1] + sep + item):
+                lines[-1] += sep + item
+            else:
+                lines.append(item)
+        return lines
+
+    lines = [line for given in text.split("\n") for line in pack(given.split(TITLE_SEP), TITLE_SEP)]
+    return "\n".join(line if fits(line) else "\n".join(pack(line.split(" "), " "))
+                     for line in lines)
+
+
+def taller(fig: Figure, inches: float) -> None:
+    """Add height for text laid out on more lines than the figure's size allowed for, so
+    that the panels keep theirs."""
+    fig.set_figheight(fig.get_figheight() + inches)
+
+
+def figure_title(fig: Figure, title: str) -> None:
+    """The figure's title, on as many lines as its width needs."""
+    text = fig.suptitle(fitted_text(fig, title, "large", FIT * fig.get_figwidth()),
+                        fontsize="large")
+    taller(fig, text.get_text().count("\n") * 1.2 * text.get_fontsize() / 72)
+
+
+def panel_title(ax, title: str) -> None:
+    ax.set_title(fitted_text(ax.figure, title, "medium", FIT * PANEL_INCHES), fontsize="medium")
+
+
 def new_figure(n_panels: int, panel_height: float) -> Tuple[Figure, list]:
     """A constrained-layout figure with one axes per panel in a grid; spare cells hidden."""
     cols = min(n_panels, MAX_COLS)
@@ -162,9 +210,17 @@ def point_style(n: int) -> dict:
 
 
 def figure_legend(fig: Figure, handles: list) -> None:
-    """One legend below all panels; its point marker opaque however faint the points are."""
-    ncols = len(handles) if fig.get_figwidth() >= 2 * PANEL_INCHES else 1  # fit one panel
-    legend = fig.legend(handles=handles, loc="outside lower center", ncols=ncols)
+    """One legend below all panels, in as many columns as fit the figure's width; its
+    point marker opaque however faint the points are."""
+    renderer = fig.canvas.get_renderer()
+    for ncols in range(len(handles), 0, -1):
+        legend = fig.legend(handles=handles, loc="outside lower center", ncols=ncols)
+        box = legend.get_window_extent(renderer)
+        if ncols == 1 or box.width <= FIT * fig.bbox.width:
+            break
+        legend.remove()
+    rows = math.ceil(len(handles) / ncols)
+    taller(fig, box.height / fig.dpi * (rows - 1) / rows)
     legend.legend_handles[0].set_alpha(1.0)
     legend.legend_handles[0].set_sizes([20])
 
@@ -179,11 +235,11 @@ def scatter_figure(targets, y_true, y_pred, summaries, title) -> Figure:
         points = ax.scatter(t, p, label="records", **point_style(len(t)))
         identity, = ax.plot(lims, lims, color="black", lw=1.2, label="identity (predicted = true)")
         ax.set(xlim=lims, ylim=lims, xlabel="true (mmHg)", ylabel="predicted (mmHg)")
-        ax.set_title(scatter_title(target, summaries[target]), fontsize="medium")
+        panel_title(ax, scatter_title(target, summaries[target]))
         ax.set_aspect("equal", adjustable="box")
         ax.grid(alpha=0.3)
     figure_legend(fig, [points, identity])
-    fig.suptitle(title)
+    figure_title(fig, title)
     return fig
 
 
@@ -202,10 +258,10 @@ def bland_altman_figure(targets, y_true, y_pred, summaries, title) -> Figure:
         trend, = ax.plot(span, m["ba_intercept"] + m["ba_slope"] * span, color="tab:blue",
                          lw=1.2, label="proportional bias (least-squares line)")
         ax.set(xlabel="mean of true and predicted (mmHg)", ylabel="predicted \u2212 true (mmHg)")
-        ax.set_title(bland_altman_title(target, m), fontsize="medium")
+        panel_title(ax, bland_altman_title(target, m))
         ax.grid(alpha=0.3)
     figure_legend(fig, [points, me, loa, trend, zero])
-    fig.suptitle(title)
+    figure_title(fig, title)
     return fig
 
 
@@ -230,9 +286,16 @@ def learning_curves_figure(history: pd.DataFrame, targets: Sequence[str],
         ax.set(xlabel="epoch", xlim=(epoch.min() - 0.5, epoch.max() + 0.5))  # also for 1 epoch
         ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
         ax.grid(alpha=0.3)
-        # below the axes, so no legend ever covers a curve
-        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), ncols=2, fontsize="small")
-    fig.suptitle(title)
+        # below the axes (so no legend ever covers a curve), at a fixed distance in inches
+        # below the x label, which the constrained layout can make room for
+        below = ax.transAxes + ScaledTranslation(0, -LEGEND_DROP_INCHES, fig.dpi_scale_trans)
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, 0), bbox_transform=below, ncols=2,
+                  fontsize="small")
+    legend = max((ax.get_legend() for ax in (loss_ax, mae_ax, lr_ax)), key=lambda g: len(g.texts))
+    rows = math.ceil(len(legend.texts) / 2)
+    row_inches = legend.get_window_extent(fig.canvas.get_renderer()).height / fig.dpi / rows
+    taller(fig, max(0, rows - 2) * row_inches)  # the figure's height allows for two rows
+    figure_title(fig, title)
     return fig
 
 

@@ -10,6 +10,8 @@ import subprocess
 import sys
 
 import h5py
+import matplotlib.legend
+import matplotlib.text
 import pandas as pd
 import pytest
 
@@ -19,6 +21,7 @@ import make_synthetic_cohort as msc
 import plot_results
 import prepare_kailuan_npz as prep
 from conftest import ROOT, prepared_cohort
+from test_plots import write_run
 from utils import UserError, run_cli
 
 TARGETS = ["right_arm_sbp", "right_arm_dbp"]
@@ -185,3 +188,40 @@ def test_demo_refuses_a_folder_it_did_not_make_and_touches_nothing(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(UserError, match="is a file, not a folder"):
         demo.fresh_folder(str(tmp_path / "file"))
+
+
+
+# ----------------------------------------------------------------------------- plot layout
+@pytest.mark.parametrize("n_targets", [1, 2, 5, 8])
+def test_every_drawn_text_and_legend_of_every_plot_lies_inside_its_figure(tmp_path, monkeypatch,
+                                                                         n_targets):
+    """Recorded as the figures are drawn: every title, axis and tick label, legend entry
+    and legend box."""
+    drawn = []
+
+    def recording(cls):
+        draw = cls.draw
+
+        def record(self, renderer):
+            draw(self, renderer)
+            if self.get_visible() and (cls is not matplotlib.text.Text or self.get_text()):
+                drawn.append((self.figure, getattr(self, "get_text", str)(),
+                              self.get_window_extent(renderer), self.figure.bbox.frozen()))
+        monkeypatch.setattr(cls, "draw", record)
+
+    names = [f"{side}_arm_{kind}" for kind in ("dbp", "mbp", "sbp", "pp")
+             for side in ("right", "left")][:n_targets]
+    write_run(str(tmp_path), targets=names)
+    recording(matplotlib.text.Text)
+    recording(matplotlib.legend.Legend)
+    # each figure drawn as for its PNG (the check does not depend on the dpi), not encoded
+    monkeypatch.setattr(plot_results, "save", lambda fig, *args: fig.canvas.draw() or [])
+    plot_results.plot_run(str(tmp_path))
+    assert len({id(fig) for fig, *_ in drawn}) == 5  # learning curves, 2 x (scatter, B-A)
+    titles = [text for _, text, _, _ in drawn if "split:" in text]
+    assert {t.split(" split:")[0] for t in titles} == {"val", "test"}
+    assert all("train-mean predictor" in t for t in titles)
+    outside = [(text, [round(v) for v in box.extents], [round(v) for v in fig.extents])
+               for _, text, box, fig in drawn
+               if box.x0 < -1 or box.y0 < -1 or box.x1 > fig.x1 + 1 or box.y1 > fig.y1 + 1]
+    assert outside == []
