@@ -807,6 +807,28 @@ def time_base_of(args) -> TimeBase:
     return TimeBase(record_seconds=args.record_seconds)
 
 
+def file_time_base(args) -> None:
+    """A cohort file's own ``record_seconds`` attribute (make_cohort_h5.py writes it: every
+    row spans that many seconds) as ``--record_seconds`` when no time-base flag is given; a
+    ``--record_seconds`` that contradicts it is an error. Other flags are left as given."""
+    if not os.path.isfile(args.h5_path):
+        return  # open_h5 reports it
+    try:
+        with h5py.File(args.h5_path, "r") as f:
+            value = f.attrs.get("record_seconds")
+    except OSError:
+        return
+    if value is None:
+        return
+    value = float(value)
+    if args.record_seconds is not None and not math.isclose(args.record_seconds, value):
+        raise UserError(f"--record_seconds {args.record_seconds:g}: the rows of {args.h5_path} "
+                        f"span {value:g} s (its record_seconds attribute)")
+    if args.record_seconds is None and args.fs_ecg is None and args.fs_ppg is None:
+        args.record_seconds = value
+        print(f"time base: record_seconds {value:g}, from {args.h5_path}'s attribute")
+
+
 def check_args(args) -> None:
     """Flag values that are wrong whatever the input file."""
     if not 2 <= args.target_seq_len <= MAX_SEQ_LEN:
@@ -840,8 +862,9 @@ def get_args_parser() -> ArgumentParser:
     p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--h5_path", required=True, help="cohort HDF5 in the Kailuan layout")
     p.add_argument("--id_key", default="new_id", help="metadata field that names each record")
-    p.add_argument("--target_cols", nargs="+", required=True,
-                   help="metadata fields written as label columns, in this order")
+    p.add_argument("--target_cols", nargs="*", default=[],
+                   help="metadata fields written as label columns, in this order; none: a "
+                        "labels CSV without targets (unlabelled records, e.g. pre-training)")
     p.add_argument("--output_npz", required=True, help="folder for <id>.npz (created if missing)")
     p.add_argument("--output_csv", required=True,
                    help="labels CSV; <stem>_rejected.csv is written beside it")
@@ -946,6 +969,7 @@ def duplicate_signals(results: Sequence[Result]) -> Dict[int, Tuple[int, str]]:
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
     args = get_args_parser().parse_args(argv)
+    file_time_base(args)
     check_args(args)
     fields = [("--id_key", args.id_key), *(("--target_cols", c) for c in args.target_cols),
               *(("--extra_cols", c) for c in args.extra_cols),
