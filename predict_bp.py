@@ -176,6 +176,8 @@ def npz_batches(args, ckpt: dict, skipped: list, filled: Counter,
     ids = sorted(f[:-4] for f in os.listdir(args.npz_dir) if f.endswith(".npz"))
     if not ids:
         raise UserError(f"--npz_dir {args.npz_dir} holds no .npz files")
+    if labels is not None:
+        check_labels_match(args, ckpt, labels, ids, f"--npz_dir {args.npz_dir}")
     channels = utils.npz_channels(args.npz_dir)
     check_channels(args, ckpt, channels, f"--npz_dir {args.npz_dir} holds")
     good, length, bad = dataset.check_records(ids, args.npz_dir, channels=channels)
@@ -190,6 +192,10 @@ def npz_batches(args, ckpt: dict, skipped: list, filled: Counter,
         skipped += [(s, "not in --labels_csv, so its covariates are unknown")
                     for s in good if s not in known]
         good = [s for s in good if s in known]
+        if not good:
+            raise UserError(f"--npz_dir {args.npz_dir}: no usable record has a row in "
+                            f"--labels_csv {args.labels_csv} (first skipped: "
+                            f"{skipped[0][0]}: {skipped[0][1]})")
         cov = encode_covariates(labels.drop_duplicates("ssoid").set_index("ssoid").loc[good],
                                 ckpt["covariates"], filled)
     ds = dataset.BPDataset(good, args.npz_dir, np.zeros((len(good), 0)),
@@ -198,6 +204,26 @@ def npz_batches(args, ckpt: dict, skipped: list, filled: Counter,
                            covariates=cov)
     loader = torch.utils.data.DataLoader(ds, batch_size=args.batch_size)
     return len(good), ((list(ids_), x, c) for x, c, _, ids_ in loader)
+
+
+def check_labels_match(args, ckpt: dict, labels: pd.DataFrame, ids: Sequence[str],
+                       source: str) -> None:
+    """``UserError`` when no labels row is a record of ``source`` (labels for other
+    records); a warning with the counts when some records or rows have no partner."""
+    rows = set(labels["ssoid"])
+    unlabelled = sum(i not in rows for i in ids)
+    if unlabelled == len(ids):
+        raise UserError(f"--labels_csv {args.labels_csv}: none of its {len(rows)} ssoids is a "
+                        f"record of {source} (e.g. {labels['ssoid'].iloc[0]!r} vs "
+                        f"{ids[0]!r}); give the labels of these records")
+    unmatched = len(rows - set(ids))
+    fate = ("skipped: the model needs their covariates" if ckpt["covariates"] and args.npz_dir
+            else "no truth, left out of the metrics")
+    parts = ([f"{unlabelled} of the {len(ids)} records of {source} have no row ({fate})"]
+             if unlabelled else [])
+    parts += [f"{unmatched} of its {len(rows)} ssoids match no record"] if unmatched else []
+    if parts:
+        print(f"warning: --labels_csv {args.labels_csv}: " + "; ".join(parts))
 
 
 def check_channels(args, ckpt: dict, present: Sequence[str], source: str) -> None:
@@ -498,6 +524,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     else:
         total, batches = h5_batches(args, ckpt, skipped, filled, time_base, digests)
     ids, y_pred = predict(model, batches, total, ckpt, device)
+    if args.h5_path and labels is not None:  # the HDF5's ids are known once it is read
+        check_labels_match(args, ckpt, labels, ids, f"--h5_path {args.h5_path}")
     report, meaning = write_outputs(args, ckpt, ids, y_pred, skipped, labels, digests)
     print(summary(args, ids, skipped, report, meaning, filled))
 

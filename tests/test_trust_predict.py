@@ -1,12 +1,9 @@
 """Trust fixes of predict_bp.py (issue 19): a new record of a subject the run saw is not
 ``new``, a renamed copy of a run's record is found by its signal digest, labels that match
-no record are one line, and the time-base flags' help speaks of prediction."""
+no record are one line."""
 import json
 import os
 import shutil
-import subprocess
-import sys
-
 import h5py
 import numpy as np
 import pandas as pd
@@ -15,7 +12,8 @@ import torch
 
 import predict_bp
 import train_bp
-from conftest import ROOT, error_line
+import utils
+from conftest import error_line
 from test_predict import trained  # noqa: F401 - a fixture
 from test_train import TARGETS, cohort, train_argv  # noqa: F401 - cohort is a fixture
 
@@ -215,3 +213,86 @@ def test_subjects_follow_the_runs_subject_column(person_run, cohort, tmp_path,
     assert warnings == [f"warning: {len(table)} records new to the run cannot be checked for "
                         f"a subject it saw (the run took its subjects from column person, and "
                         f"--labels_csv has no person value): 'new' counts them unchecked"]
+
+
+# ----------------------------------------------------------------------------- item 9
+@pytest.fixture(scope="module")
+def cov_ckpt(cohort, tmp_path_factory):  # noqa: F811
+    """A model that takes the covariate ``age`` from the labels CSV."""
+    base = tmp_path_factory.mktemp("cov")
+    labels = pd.read_csv(cohort["labels"], dtype={"ssoid": str})
+    labels["age"] = np.random.default_rng(0).uniform(30, 80, len(labels)).round()
+    labels.to_csv(base / "labels.csv", index=False)
+    argv = train_argv(cohort, base / "run", "--epochs", "1", "--covariates", "age")
+    argv[argv.index("--labels_csv") + 1] = str(base / "labels.csv")
+    train_bp.main(argv)
+    return {"ckpt": str(base / "run" / "bp_best.pth"), "labels": labels}
+
+
+def _cli(capsys, argv):
+    """Exit status and stderr of predict_bp.py's entry point, run in this process."""
+    capsys.readouterr()
+    code = utils.run_cli(predict_bp.main, argv)
+    return code, capsys.readouterr().err
+
+
+def test_labels_that_match_no_record_are_one_line_errors(trained, cov_ckpt, cohort, tmp_path,
+                                                         capsys):  # noqa: F811
+    foreign = cov_ckpt["labels"].assign(ssoid="other" + cov_ckpt["labels"]["ssoid"])
+    foreign.to_csv(tmp_path / "foreign.csv", index=False)
+    first = sorted(f for f in os.listdir(cohort["npz"]) if f.endswith(".npz"))[0][:-4]
+    out = tmp_path / "p.csv"
+    for ckpt in (trained["ckpt"], cov_ckpt["ckpt"]):
+        for source in (["--npz_dir", cohort["npz"]], ["--h5_path", cohort["h5"]]):
+            code, err = _cli(capsys, ["--checkpoint", ckpt, *source, "--labels_csv",
+                                      str(tmp_path / "foreign.csv"), "--output", str(out)])
+            assert code == 2 and error_line(err) == (
+                f"error: --labels_csv {tmp_path / 'foreign.csv'}: none of its "
+                f"{len(foreign)} ssoids is a record of {source[0]} {source[1]} (e.g. "
+                f"'{foreign['ssoid'].iloc[0]}' vs '{first}'); give the labels of "
+                f"these records"), (ckpt, source, err)
+            assert not out.exists()
+    # a covariate model whose labelled records are all unusable files
+    npz = tmp_path / "npz"
+    npz.mkdir()
+    shutil.copy(os.path.join(cohort["npz"], f"{first}.npz"), npz / "unlabelled_1.npz")
+    (npz / f"{first}.npz").write_bytes(b"not an npz")
+    code, err = _cli(capsys, ["--checkpoint", cov_ckpt["ckpt"], "--npz_dir", str(npz),
+                              "--labels_csv", str(tmp_path / "foreign.csv"), "--output", str(out)])
+    assert code == 2 and "none of its" in error_line(err)
+    cov_ckpt["labels"].to_csv(tmp_path / "own.csv", index=False)
+    code, err = _cli(capsys, ["--checkpoint", cov_ckpt["ckpt"], "--npz_dir", str(npz),
+                              "--labels_csv", str(tmp_path / "own.csv"), "--output", str(out)])
+    line = error_line(err)
+    assert code == 2 and line.startswith(f"error: --npz_dir {npz}: no usable record has a row "
+                                         f"in --labels_csv {tmp_path / 'own.csv'} (first "
+                                         f"skipped: {first}: ")
+    assert not out.exists()
+
+
+def test_labels_for_some_records_warn_with_the_counts(trained, cov_ckpt, cohort, tmp_path,
+                                                      capsys):  # noqa: F811
+    labels = cov_ckpt["labels"]
+    part = pd.concat([labels.iloc[:10], labels.iloc[:5].assign(ssoid=lambda f: "x" + f["ssoid"])])
+    part.to_csv(tmp_path / "part.csv", index=False)
+    n = len(labels)
+    cases = [(trained["ckpt"], ["--npz_dir", cohort["npz"]], "no truth, left out of the metrics"),
+             (trained["ckpt"], ["--h5_path", cohort["h5"]], "no truth, left out of the metrics"),
+             (cov_ckpt["ckpt"], ["--npz_dir", cohort["npz"]],
+              "skipped: the model needs their covariates")]
+    for k, (ckpt, source, fate) in enumerate(cases):
+        out = tmp_path / f"p{k}.csv"
+        capsys.readouterr()
+        predict_bp.main(["--checkpoint", ckpt, *source, "--labels_csv", str(tmp_path / "part.csv"),
+                         "--output", str(out)])
+        warnings = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("warning")]
+        assert warnings == [f"warning: --labels_csv {tmp_path / 'part.csv'}: {n - 10} of the {n} "
+                            f"records of {source[0]} {source[1]} have no row ({fate}); 5 of its "
+                            f"15 ssoids match no record"]
+        pred = pd.read_csv(out, dtype={"ssoid": str}).set_index("ssoid")
+        assert len(pred) == (10 if ckpt == cov_ckpt["ckpt"] else n)
+        assert pred[f"{TARGETS[0]}_true"].notna().sum() == 10
+        report = json.load(open(tmp_path / f"p{k}_metrics.json"))
+        assert sum(block["n_records"] for name, block in report.items()
+                   if name != "target_cols") == 10
+
