@@ -66,7 +66,7 @@ def get_args_parser() -> utils.ArgumentParser:
                    help="with --h5_path: HDF5 dataset of the ECG rows")
     p.add_argument("--ppg_key", default=prep.PPG_KEY,
                    help="with --h5_path: HDF5 dataset of the PPG rows")
-    prep.add_time_base_flags(p)
+    add_time_base_flags(p)
     p.add_argument("--mains_hz", type=float, default=None,
                    help="with --h5_path and a model that takes physiological features: the "
                         "mains frequency notched before R-peak detection (default: the one "
@@ -80,6 +80,28 @@ def get_args_parser() -> utils.ArgumentParser:
                    help="allow full unpickling of --checkpoint (only for a file you trust)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     return p
+
+
+def add_time_base_flags(p: utils.ArgumentParser) -> None:
+    """prep's time-base flags (``prep.time_base_of`` reads them), saying what each does
+    here: the HDF5 rows are prepared to the checkpoint's record length and rate."""
+    g = p.add_argument_group("time base of --h5_path rows (as given to prep for the "
+                             "training records; --npz_dir records carry their own)")
+    g.add_argument("--record_seconds", type=float, default=None,
+                   help="time span of every HDF5 row in seconds (rows of one duration): each "
+                        "row is resampled to the checkpoint's record length, which must make "
+                        "the checkpoint's sampling rate (record length / record_seconds)")
+    g.add_argument("--fs_ecg", type=float, default=None,
+                   help="native sampling rate of the ECG rows in Hz (with --fs_ppg; with "
+                        "--ppg_key none, alone): each row is resampled to the checkpoint's "
+                        "sampling rate and cut or padded to its record length, so rows of "
+                        "any duration are timed as the training records were")
+    g.add_argument("--fs_ppg", type=float, default=None,
+                   help="native sampling rate of the PPG rows in Hz (with --fs_ecg; with "
+                        "--ecg_key none, alone)")
+    g.add_argument("--target_fs", type=float, default=None,
+                   help="not needed: with --fs_ecg/--fs_ppg the rows are resampled to the "
+                        "checkpoint's sampling rate; another value is refused")
 
 
 def check_args(args) -> None:
@@ -126,18 +148,22 @@ def check_time_base(args, ckpt: dict) -> prep.TimeBase:
                             f"{trained}; prepare them with that rate")
         return prep.TimeBase()
     base = prep.time_base_of(args)
-    own = base.sample_rate(length)
     if rate is None:
-        if own is not None:
+        if base.fs or base.record_seconds:
             raise UserError(f"the model in {args.checkpoint} records no sampling rate (its "
                             f"records were prepared without --record_seconds or "
                             f"--fs_ecg/--fs_ppg): leave those flags out")
         return base
+    if base.fs:
+        if args.target_fs is not None and not math.isclose(args.target_fs, rate,
+                                                           rel_tol=1e-9):
+            raise UserError(f"--target_fs {args.target_fs:g}: {trained}, and the rows are "
+                            f"resampled to that rate; leave --target_fs out")
+        return prep.TimeBase(fs=base.fs, target_fs=rate)
+    own = base.sample_rate(length)
     if own is None:
         raise UserError(f"{trained}: with --h5_path give --record_seconds or "
                         f"--fs_ecg/--fs_ppg so the rows are prepared alike")
-    if base.fs:
-        return prep.TimeBase(fs=base.fs, target_fs=rate)
     if not math.isclose(own, rate, rel_tol=1e-9):
         raise UserError(f"--record_seconds {args.record_seconds:g} makes {length} samples "
                         f"{own:g} Hz, but {trained}")
@@ -424,8 +450,8 @@ def splits_of(args, ckpt: dict, ids: Sequence[str], labels: Optional[pd.DataFram
     else ``new``. ``unknown`` for every record when the checkpoint predates the record of
     its split. Also whether every ``new`` record's subject was checked."""
     if "split_ids" not in ckpt:
-        print(f"warning: this checkpoint does not record its run's split, so the metrics "
-              f"cannot tell training records from new ones (split 'unknown')")
+        print("warning: this checkpoint does not record its run's split, so the metrics "
+              "cannot tell training records from new ones (split 'unknown')")
         return ["unknown"] * len(ids), True
     run, why = run_members(args.checkpoint, ckpt)
     splits = [run.ids.get(i) or run.digests.get(digests.get(i, "")) for i in ids]

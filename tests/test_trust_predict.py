@@ -1,6 +1,6 @@
 """Trust fixes of predict_bp.py (issue 19): a new record of a subject the run saw is not
 ``new``, a renamed copy of a run's record is found by its signal digest, labels that match
-no record are one line."""
+no record are one line, and the time-base flags speak of prediction."""
 import json
 import os
 import shutil
@@ -11,10 +11,12 @@ import pytest
 import torch
 
 import predict_bp
+import prepare_kailuan_npz as prep
 import train_bp
 import utils
 from conftest import error_line
 from test_predict import trained  # noqa: F401 - a fixture
+from test_timebase import FS_ECG, FS_PPG, TARGET_FS, prep_argv, vlen_h5  # noqa: F401
 from test_train import TARGETS, cohort, train_argv  # noqa: F401 - cohort is a fixture
 
 SEEN_REASON = {"train_subject": "subject in the run's train split: not an unseen-subject estimate",
@@ -296,3 +298,42 @@ def test_labels_for_some_records_warn_with_the_counts(trained, cov_ckpt, cohort,
         assert sum(block["n_records"] for name, block in report.items()
                    if name != "target_cols") == 10
 
+
+# ----------------------------------------------------------------------------- item 18
+def test_time_base_help_speaks_of_prediction_not_of_prep():
+    text = " ".join(predict_bp.get_args_parser().format_help().split())
+    assert "manifest" not in text and "--target_seq_len" not in text
+    assert ("--record_seconds RECORD_SECONDS time span of every HDF5 row in seconds (rows of "
+            "one duration): each row is resampled to the checkpoint's record length, which "
+            "must make the checkpoint's sampling rate (record length / record_seconds)") in text
+    assert ("--fs_ecg FS_ECG native sampling rate of the ECG rows in Hz (with --fs_ppg; with "
+            "--ppg_key none, alone): each row is resampled to the checkpoint's sampling rate "
+            "and cut or padded to its record length") in text
+    assert ("--target_fs TARGET_FS not needed: with --fs_ecg/--fs_ppg the rows are resampled "
+            "to the checkpoint's sampling rate; another value is refused") in text
+
+
+def test_target_fs_other_than_the_checkpoints_rate_is_refused(vlen_h5, trained, tmp_path,
+                                                              capsys):  # noqa: F811
+    rates = ["--fs_ecg", str(FS_ECG), "--fs_ppg", str(FS_PPG)]
+    prep.main(prep_argv(vlen_h5, tmp_path, *rates, "--target_fs", str(TARGET_FS)))
+    train_bp.main(["--npz_dir", str(tmp_path / "npz"), "--labels_csv", str(tmp_path / "labels.csv"),
+                   "--out_dir", str(tmp_path / "run"), "--target_cols", "sbp", "--arch", "tiny",
+                   "--epochs", "1", "--batch_size", "4", "--num_workers", "0"])
+    ckpt = str(tmp_path / "run" / "bp_best.pth")
+    out = tmp_path / "p.csv"
+    base = ["--h5_path", vlen_h5, "--output", str(out), *rates]
+    for argv, line in (
+            (["--checkpoint", ckpt, "--target_fs", "500"],
+             f"error: --target_fs 500: the model in {ckpt} was trained on records at 100 Hz, "
+             f"and the rows are resampled to that rate; leave --target_fs out"),
+            (["--checkpoint", trained["ckpt"]],
+             f"error: the model in {trained['ckpt']} records no sampling rate (its records "
+             f"were prepared without --record_seconds or --fs_ecg/--fs_ppg): leave those "
+             f"flags out")):
+        capsys.readouterr()
+        assert utils.run_cli(predict_bp.main, [*argv, *base]) == 2
+        assert error_line(capsys.readouterr().err) == line
+    assert not out.exists()
+    predict_bp.main(["--checkpoint", ckpt, "--target_fs", str(TARGET_FS), *base])
+    assert len(pd.read_csv(out)) == 12
