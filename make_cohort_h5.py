@@ -370,13 +370,15 @@ class WfdbSource:
                             f"({', '.join(f'{k} {v}' for k, v in sorted(self.skipped.items()))})")
         rates = sorted({r.fs for r in self.records})
         if len(rates) > 1:
-            raise UserError(f"--records {args.records}: records at {' and '.join(map('{:g} Hz'.format, rates))}; "
-                            f"convert each rate into its own file")
+            listed = " and ".join(f"{r:g} Hz" for r in rates)
+            raise UserError(f"--records {args.records}: records at {listed}; convert each rate "
+                            f"into its own file")
         self.fs = rates[0]
         self.win = Windows.of(args.window_s, args.step_s, self.fs)
         self.signals = [s for s in SIGNALS if s in wanted]
         self.subjects = read_subject_map(args.subject_map, self.records)
         self.cuff = read_cuff(args.cuff_csv) if args.cuff_csv else None
+        self.cuff_by_record = {} if self.cuff is None else dict(tuple(self.cuff.groupby("record")))
         self.cuff_max_gap_s = args.cuff_max_gap_s
         self.limits = BPLimits(tuple(args.sbp_range), tuple(args.dbp_range), args.min_pp)
         self.bp = ("cuff" if self.cuff is not None else
@@ -474,7 +476,7 @@ class WfdbSource:
         return {"abp_beats": 0}
 
     def _cuff_values(self, rec: WfdbRecord, centre_s: float):
-        rows = self.cuff[self.cuff["record"] == rec.name]
+        rows = self.cuff_by_record.get(rec.name, self.cuff.iloc[:0])
         if "time_s" in rows:
             rows = rows[(rows["time_s"] - centre_s).abs() <= self.cuff_max_gap_s]
             rows = rows.iloc[(rows["time_s"] - centre_s).abs().argsort()[:1]]
@@ -492,6 +494,9 @@ class WfdbSource:
               "cuff": "the --cuff_csv readings", None: "none: the windows have no BP fields"}
         lines = [f"  records: {len(self.records)} used at {self.fs:g} Hz, "
                  f"{sum(self.skipped.values())} skipped", f"  BP: {bp[self.bp]}"]
+        if self.bp == "arterial":
+            lines.append(f"  records without an arterial channel (their windows have no BP): "
+                         f"{sum('abp' not in r.channels for r in self.records)}")
         lines += [f"  skipped {k}: {v}" for k, v in sorted(self.skipped.items())]
         lines += [f"  rejected {k}: {v}" for k, v in sorted(self.rejected.items())]
         return lines
@@ -760,8 +765,9 @@ class ArraysSource:
             arrays = load_npz(path)
             specs, fields, n = array_layout(arrays, path)
             if (specs, fields) != (self._specs, self._fields):
-                raise UserError(f"--npz {path}: its signals or fields ({_layout_text(specs, fields)}) "
-                                f"differ from {self.files[0]}'s ({_layout_text(self._specs, self._fields)})")
+                raise UserError(f"--npz {path}: its signals or fields "
+                                f"({_layout_text(specs, fields)}) differ from {self.files[0]}'s "
+                                f"({_layout_text(self._specs, self._fields)})")
             stem = os.path.splitext(os.path.basename(path))[0]
             ids = ([str(v) for v in arrays["id"]] if "id" in arrays
                    else [f"{stem}_{i:06d}" for i in range(n)])
