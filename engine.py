@@ -24,6 +24,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+import metrics
 from utils import UserError, all_gather_object, all_reduce_sum, progress, write_csv_atomic
 
 MMHG_DECIMALS = 4  # decimals of every predicted mmHg value (see to_mmhg)
@@ -254,6 +255,39 @@ def predictions_frame(ids: Sequence[str], y_true: Optional[np.ndarray], y_pred: 
     return pd.DataFrame(columns)
 
 
+def with_intervals(frame: pd.DataFrame, intervals: Optional[tuple],
+                   target_cols: Sequence[str]) -> pd.DataFrame:
+    """``frame`` with ``<t>_lo``, ``<t>_hi`` per target appended after every other column
+    (``intervals`` = (lo, hi), each (N, T); empty cells where there is no interval);
+    ``frame`` unchanged when ``intervals`` is None."""
+    if intervals is None:
+        return frame
+    lo, hi = intervals
+    extra = {}
+    for k, col in enumerate(target_cols):
+        extra[f"{col}_lo"], extra[f"{col}_hi"] = lo[:, k], hi[:, k]
+    return frame.assign(**extra)
+
+
 def write_predictions(path: str, ids: Sequence[str], y_true: Optional[np.ndarray],
-                      y_pred: np.ndarray, target_cols: Sequence[str]) -> None:
-    write_csv_atomic(path, predictions_frame(ids, y_true, y_pred, target_cols))
+                      y_pred: np.ndarray, target_cols: Sequence[str],
+                      intervals: Optional[tuple] = None) -> None:
+    write_csv_atomic(path, with_intervals(predictions_frame(ids, y_true, y_pred, target_cols),
+                                          intervals, target_cols))
+
+
+def reported_predictions(raw: np.ndarray, recalibration: Optional[dict],
+                         conformal: Optional[dict], target_cols: Sequence[str]) -> tuple:
+    """(predictions, (lo, hi) or None) as a run reports them, from the model's ``raw``
+    mmHg outputs: the affine ``recalibration`` (``metrics.fit_affine``) when the run
+    applied it, and the ``conformal`` interval (``metrics.fit_conformal``) around the
+    result; rounded like every reported value (``MMHG_DECIMALS``). train_bp.py and
+    predict_bp.py both report through here."""
+    pred = raw
+    if recalibration and recalibration["applied"]:
+        pred = np.round(metrics.apply_affine(raw, recalibration["map"], target_cols),
+                        MMHG_DECIMALS)
+    if not conformal:
+        return pred, None
+    lo, hi = metrics.conformal_intervals(pred, conformal, target_cols)
+    return pred, (np.round(lo, MMHG_DECIMALS), np.round(hi, MMHG_DECIMALS))

@@ -808,15 +808,20 @@ def recalibration_block(y_true: np.ndarray, raw: np.ndarray, affine: dict,
 # ----------------------------------------------------------------------------- one split
 def clinical_blocks(y_true: np.ndarray, y_pred: np.ndarray, subjects: Sequence,
                     target_cols: Sequence[str], band_sets: Sequence[Optional[str]],
-                    order: Optional[Sequence] = None,
-                    groups: Optional[Dict[str, Sequence[str]]] = None,
-                    sex: Optional[Sequence] = None,
+                    order: Optional[Sequence] = None, sex: Optional[Sequence] = None,
+                    age: Optional[Sequence] = None,
                     intervals: Optional[tuple] = None) -> dict:
-    """The cuffless-BP blocks of one split: ``by_range``, ``iso81060_2``, ``subject_level``,
-    ``tracking`` (subjects' records in ``order``, default the row order), ``subgroups``
-    (when ``groups`` has any) and with ``intervals`` = (lo, hi, calibration) the
-    ``intervals`` coverage."""
+    """The cuffless-BP blocks of one split: ``by_range``, ``iso81060_2`` (its audit of
+    the sexes from ``sex``, one value per record), ``subject_level``, ``tracking``
+    (subjects' records in ``order``, default the row order), ``subgroups`` by ``sex`` and
+    by band of ``age`` (either may be None) and with ``intervals`` = (lo, hi,
+    calibration) the ``intervals`` coverage."""
     order = np.arange(len(subjects)) if order is None else order
+    groups = {}
+    if sex is not None:
+        groups["sex"] = _group_text(sex)
+    if age is not None:
+        groups["age"] = age_groups(age)
     out = {"by_range": by_range(y_true, y_pred, target_cols, band_sets),
            "iso81060_2": iso_block(y_true, y_pred, subjects, target_cols, band_sets, sex),
            "subject_level": subject_level(y_true, y_pred, subjects, target_cols),
