@@ -638,14 +638,15 @@ class PulseDBSource:
         return {**fields, "source": TEXT, "source_index": "int64"}
 
     def blocks(self):
-        with open_hdf5(self.path, "--subset") as f:
-            subset = f["Subset"]
-            bar = progress(total=self.layout.n, desc="segments", unit="seg")
-            for a in range(0, self.layout.n, self.chunk):
-                b = min(a + self.chunk, self.layout.n)
-                yield self._block(f, subset, a, b)
-                bar.update(b - a)
-            bar.close()
+        bar = progress(total=self.layout.n, desc="segments", unit="seg")
+        for a in range(0, self.layout.n, self.chunk):
+            b = min(a + self.chunk, self.layout.n)
+            # opened per chunk: an open file keeps the metadata of every object dereferenced
+            # in it (HDF5 2.0: about 3.8 KB a cell text, 3.5 GB over a 465,480-segment subset)
+            with open_hdf5(self.path, "--subset") as f:
+                yield self._block(f, f["Subset"], a, b)
+            bar.update(b - a)
+        bar.close()
 
     def _block(self, f, subset, a: int, b: int):
         rows = np.transpose(subset["Signals"][:, :, a:b], (2, 1, 0))  # (n, channel, sample)
