@@ -458,7 +458,8 @@ def _key(key) -> Tuple[int, Optional[int]]:
 
 
 # ----------------------------------------------------------------------------- cache
-CACHE_FORMAT = "model-input-v2"  # (N, 2, L) float32 of model_input(x, (0, 1), ...)
+# (N, 2, L) float32 of model_input(x, (0, 1), ...); v3: the filters pad by mirror images
+CACHE_FORMAT = "model-input-v3"
 
 
 def _cache_key(paths: Sequence[str], normalize: bool, conditioning: Optional[Mapping]) -> str:
