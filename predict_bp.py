@@ -206,7 +206,8 @@ def npz_batches(args, ckpt: dict, skipped: list, filled: Counter,
         check_labels_match(args, ckpt, labels, ids, f"--npz_dir {args.npz_dir}")
     channels = utils.npz_channels(args.npz_dir)
     check_channels(args, ckpt, channels, f"--npz_dir {args.npz_dir} holds")
-    good, length, bad = dataset.check_records(ids, args.npz_dir, channels=channels)
+    used = [utils.NPZ_CHANNELS[c] for c in backbones.MODALITY_CHANNELS[ckpt["modality"]]]
+    good, length, bad = dataset.check_records(ids, args.npz_dir, channels=used)
     skipped += list(zip(bad["ssoid"], bad["reason"]))
     if good and length != ckpt["seq_len"]:
         raise UserError(f"--npz_dir {args.npz_dir}: records have {length} samples, the model "

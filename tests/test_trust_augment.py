@@ -4,13 +4,15 @@ wrong with a file (a missing signal, a missing array, a file that is no npz)."""
 import os
 
 import numpy as np
+import pandas as pd
 import pytest
 import scipy.signal
 
 import dataset
 import physio
+import predict_bp
 import train_bp
-from conftest import error_line, prepared_cohort
+from conftest import MMHG_ATOL, error_line, prepared_cohort
 from utils import UserError, run_cli
 
 TARGETS = ["right_arm_sbp", "right_arm_dbp"]
@@ -201,4 +203,13 @@ def test_modality_ppg_trains_on_a_ppg_only_folder_without_its_manifest(
     out = tmp_path / "ppg"
     train_bp.main(_train_argv(copied_without_manifest, out, "ppg"))
     assert open(out / "skipped_records.csv").read().strip() == "ssoid,path,reason"
-    assert (out / "bp_best.pth").is_file()
+    # prediction reads the same folder alike: only the PPG the model reads must be finite
+    pred = tmp_path / "pred.csv"
+    predict_bp.main(["--checkpoint", str(out / "bp_best.pth"), "--npz_dir",
+                     copied_without_manifest["npz"], "--output", str(pred)])
+    ours = pd.read_csv(pred, dtype={"ssoid": str}).set_index("ssoid")
+    test = pd.read_csv(out / "test_predictions.csv", dtype={"ssoid": str}).set_index("ssoid")
+    assert len(ours) == 16 and pd.read_csv(tmp_path / "pred_skipped.csv").empty
+    for t in TARGETS:
+        np.testing.assert_allclose(ours.loc[test.index, f"{t}_pred"], test[f"{t}_pred"],
+                                   rtol=0, atol=MMHG_ATOL)
