@@ -50,7 +50,7 @@ import pandas as pd
 import sqlalchemy.exc
 import yaml
 from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
+from matplotlib.ticker import MaxNLocator, NullFormatter
 from optuna.trial import TrialState
 
 import crossval_bp
@@ -793,6 +793,7 @@ def top_params_figure(complete, names: List[str], space: dict, metric: str) -> F
             values = [labels.index(str(v)) for v in values]
         elif space[name]["log"]:
             ax.set_xscale("log")
+            ax.xaxis.set_minor_formatter(NullFormatter())  # minor labels overlap
         ax.scatter(values, [t.value for t in have], c=[t.number for t in have], cmap="viridis")
         if space[name]["type"] == "categorical":
             ax.set_xlim(-0.5, len(space[name]["choices"]) - 0.5)
