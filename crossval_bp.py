@@ -35,6 +35,7 @@ import numpy as np
 import pandas as pd
 
 import dataset
+import engine
 import metrics
 import plot_results
 import train_bp
@@ -148,12 +149,21 @@ def fold_frame(out: str, fold: int, labels: pd.DataFrame, target_cols: Sequence[
         ridge_pred = ridge(dataset.encode_covariates(test, ckpt["covariates"])[0])
         for k, col in enumerate(target_cols):
             frame[f"{col}_ridge"] = ridge_pred[:, k]
+    recal = ckpt.get("recalibration")
+    if recal is not None and not recal["applied"]:  # what this fold's own affine map gives
+        mapped = metrics.apply_affine(pred[[f"{c}_pred" for c in target_cols]].to_numpy(),
+                                      recal["map"], target_cols)
+        for k, col in enumerate(target_cols):
+            frame[f"{col}_affine"] = np.round(mapped[:, k], engine.MMHG_DECIMALS)
     return frame
 
 
 def pooled_block(frame: pd.DataFrame, target_cols: Sequence[str],
-                 calibration_order: Optional[str], labels: pd.DataFrame) -> dict:
-    """The final_metrics.json split block over every out-of-fold prediction."""
+                 calibration_order: Optional[str], labels: pd.DataFrame,
+                 fold_args=None, conformal: Sequence[Optional[dict]] = ()) -> dict:
+    """The final_metrics.json split block over every out-of-fold prediction; with
+    ``fold_args`` (a fold's train_bp.py arguments) also its cuffless-BP blocks
+    (``pooled_clinical``), ``conformal`` being each fold's calibration."""
     cols = list(target_cols)
     t = frame[[f"{c}_true" for c in cols]].to_numpy(np.float64)
     p = frame[[f"{c}_pred" for c in cols]].to_numpy(np.float64)
@@ -169,7 +179,38 @@ def pooled_block(frame: pd.DataFrame, target_cols: Sequence[str],
     calibrated = metrics.calibrated_block(t, p, subjects, order, cols)
     if calibrated is not None:
         block["calibrated"] = {"order": calibration_order or "ssoid", **calibrated}
+    if fold_args is not None:
+        block.update(pooled_clinical(frame, t, p, order, labels, fold_args, conformal))
     return block
+
+
+def pooled_clinical(frame: pd.DataFrame, t: np.ndarray, p: np.ndarray, order: np.ndarray,
+                    labels: pd.DataFrame, fold_args, conformal: Sequence[Optional[dict]]) -> dict:
+    """``metrics.clinical_blocks`` over the out-of-fold predictions: each record's interval
+    is its fold's (calibrated on that fold's validation subjects), and ``recalibration``
+    holds each fold's affine map applied to its own test records."""
+    cols = list(fold_args.target_cols)
+    rows = labels.drop_duplicates("ssoid").set_index("ssoid").loc[frame["ssoid"]]
+    intervals = None
+    if f"{cols[0]}_lo" in frame and all(conformal):
+        lo, hi = (frame[[f"{c}_{k}" for c in cols]].to_numpy(np.float64) for k in ("lo", "hi"))
+        intervals = (lo, hi, {"level": conformal[0]["level"],
+                              "n_subjects": sum(c["n_subjects"] for c in conformal)})
+    out = metrics.clinical_blocks(t, p, frame["subject"].to_numpy(), cols,
+                                  metrics.target_band_sets(cols, fold_args.bands), order,
+                                  sex=train_bp.label_column(rows, fold_args.sex_col),
+                                  age=train_bp.label_column(rows, fold_args.age_col),
+                                  intervals=intervals)
+    if f"{cols[0]}_affine" in frame:
+        affine = frame[[f"{c}_affine" for c in cols]].to_numpy(np.float64)
+        out["recalibration"] = {"fitted_on": "val of each fold", "applied": False,
+                                "raw": metrics.regression_metrics(t, p, cols),
+                                "affine": metrics.regression_metrics(t, affine, cols)}
+    elif fold_args.recalibrate == "affine":
+        out["recalibration"] = {"fitted_on": "val of each fold", "applied": True,
+                                "note": "every fold applied its affine map: the pooled "
+                                        "metrics are of the recalibrated predictions"}
+    return out
 
 
 def across_folds(per_fold: Dict[str, dict], target_cols: Sequence[str]) -> dict:
@@ -188,19 +229,22 @@ def pool(args, train_argv: List[str]) -> dict:
     fold_args = train_bp.parse_args(fold_argv(train_argv, args.out_dir, args.folds, 0))
     target_cols = list(fold_args.target_cols)
     labels = dataset.read_labels(fold_args.labels_csv, target_cols)
-    frames, per_fold = [], {}
+    frames, per_fold, conformal = [], {}, []
     for fold in range(args.folds):
         out = fold_dir(args.out_dir, fold)
         ckpt = utils.load_checkpoint(os.path.join(out, "bp_best.pth"))
+        conformal.append(ckpt.get("conformal"))
         frames.append(fold_frame(out, fold, labels, target_cols, ckpt))
         with open(os.path.join(out, "final_metrics.json"), encoding="utf-8") as fh:
             per_fold[str(fold)] = json.load(fh)["test"]
     frame = pd.concat(frames, ignore_index=True)
     columns = ["ssoid", "fold"] + [f"{c}_{k}" for c in target_cols for k in ("true", "pred")]
+    columns += [f"{c}_{k}" for c in target_cols for k in ("lo", "hi") if f"{c}_{k}" in frame]
     utils.write_csv_atomic(os.path.join(args.out_dir, "cv_predictions.csv"), frame[columns])
     report = {"target_cols": target_cols, "folds": args.folds, "seed": fold_args.seed,
               "per_fold": per_fold, "across_folds": across_folds(per_fold, target_cols),
-              "pooled": pooled_block(frame, target_cols, fold_args.calibration_order, labels)}
+              "pooled": pooled_block(frame, target_cols, fold_args.calibration_order, labels,
+                                     fold_args, conformal)}
     utils.write_json_atomic(os.path.join(args.out_dir, "cv_metrics.json"), report)
     plot_dir = os.path.join(args.out_dir, "plots")
     os.makedirs(plot_dir, exist_ok=True)
@@ -227,6 +271,7 @@ def print_summary(report: dict, out_dir: str) -> None:
         if cov:
             line += train_bp.ridge_cells(cov["per_target"][c])
         print(line)
+    train_bp.print_clinical_table(pooled, report["target_cols"], "pooled out-of-fold")
     print(f"outputs in {out_dir}: cv_predictions.csv, cv_metrics.json, plots/, fold_<i>/")
 
 

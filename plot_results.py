@@ -8,7 +8,9 @@ the run folder and writes into ``<out_dir>/plots/``:
 - ``learning_curves.png``: losses, validation MAE per target and learning rates per epoch;
 - ``<split>_scatter.png``: predicted vs true BP per target, with the identity line;
 - ``<split>_bland_altman.png``: mean of true and predicted vs their difference per target,
-  with the mean error (ME) and the limits of agreement ME +/- 1.96 SD.
+  with the mean error (ME) and the limits of agreement ME +/- 1.96 SD;
+- ``<split>_by_band.png``: MAE per clinical band of the true value with each band's N, and
+  the prediction interval's coverage per band.
 
 Titles carry the metrics of final_metrics.json; any it lacks (a run from an older
 version) are computed from the predictions by metrics.py. Titles break into lines that fit
@@ -96,8 +98,10 @@ def read_predictions(out_dir: str, split: str, target_cols: Optional[Sequence[st
     frame = read_csv(path)
     targets = list(target_cols) if target_cols else targets_of(list(frame.columns))
     expected = ["ssoid"] + [f"{t}_{kind}" for t in targets for kind in ("true", "pred")]
-    if not targets or list(frame.columns) != expected:
-        raise UserError(f"{path}: columns must be exactly {', '.join(expected)}; "
+    intervals = [f"{t}_{kind}" for t in targets for kind in ("lo", "hi")]  # train_bp --interval
+    if not targets or list(frame.columns) not in (expected, expected + intervals):
+        raise UserError(f"{path}: columns must be exactly {', '.join(expected)} (then "
+                        f"<target>_lo, <target>_hi per target with intervals); "
                         f"got {', '.join(map(str, frame.columns))}")
     y_true = numeric(frame, [f"{t}_true" for t in targets], path)
     y_pred = numeric(frame, [f"{t}_pred" for t in targets], path)
@@ -265,6 +269,35 @@ def bland_altman_figure(targets, y_true, y_pred, summaries, title) -> Figure:
     return fig
 
 
+def by_band_figure(targets, block: dict, title: str) -> Figure:
+    """MAE per band of the true value (bars, each with its N) and, with intervals, their
+    coverage per band (points, right axis, the level dashed), from ``block["by_range"]``."""
+    fig, axes = new_figure(len(targets), PANEL_INCHES * 0.9)
+    intervals = block.get("intervals", {})
+    for ax, target in zip(axes, targets):
+        rng = block["by_range"].get(target, {})
+        bands = rng.get("bands", [])
+        x = np.arange(len(bands))
+        mae = [b["mae"] or 0.0 for b in bands]
+        ax.bar(x, mae, color="tab:blue", alpha=0.75, label="MAE")
+        for k, b in enumerate(bands):
+            ax.annotate(f"N {b['n']}", (k, mae[k]), ha="center", va="bottom", fontsize="x-small")
+        ax.set_xticks(x, [b["band"] for b in bands], rotation=45, fontsize="small")
+        ax.set(xlabel=f"true value band ({rng.get('band_set') or 'none'}, mmHg)",
+               ylabel="MAE (mmHg)", title=target)
+        ax.margins(y=0.15)
+        cover = intervals.get("per_target", {}).get(target, {}).get("by_band")
+        if cover:
+            twin = ax.twinx()
+            twin.plot(x, [c["coverage"] if c["n"] else np.nan for c in cover], "o",
+                      color="tab:red", label="interval coverage")
+            twin.axhline(intervals["level"], color="tab:red", ls="--", lw=1)
+            twin.set(ylim=(0, 1.05), ylabel=f"coverage of the {intervals['level']:.0%} interval")
+        ax.grid(alpha=0.3, axis="y")
+    fig.suptitle(title)
+    return fig
+
+
 def learning_curves_figure(history: pd.DataFrame, targets: Sequence[str],
                            best_epoch: Optional[int], title: str) -> Figure:
     fig, (loss_ax, mae_ax, lr_ax) = new_figure(3, PANEL_INCHES * 0.8)
@@ -371,10 +404,14 @@ def plot_split(plot_dir: str, split: str, targets: Sequence[str], y_true: np.nda
     summaries = {t: target_summary(block, t, y_true[:, k], y_pred[:, k])
                  for k, t in enumerate(targets)}
     title = split_title(split, block, len(y_true))
-    return (save(scatter_figure(targets, y_true, y_pred, summaries, title), plot_dir,
-                 f"{split}_scatter", formats)
-            + save(bland_altman_figure(targets, y_true, y_pred, summaries, title), plot_dir,
-                   f"{split}_bland_altman", formats))
+    paths = (save(scatter_figure(targets, y_true, y_pred, summaries, title), plot_dir,
+                  f"{split}_scatter", formats)
+             + save(bland_altman_figure(targets, y_true, y_pred, summaries, title), plot_dir,
+                    f"{split}_bland_altman", formats))
+    if "by_range" in block:  # runs from before the cuffless-BP blocks have none
+        paths += save(by_band_figure(targets, block, title), plot_dir, f"{split}_by_band",
+                      formats)
+    return paths
 
 
 # ============================================================================= CLI

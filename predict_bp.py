@@ -15,8 +15,11 @@ ssoid, or by signal digest for a renamed copy), else ``<split>_subject`` for a n
 a subject the run saw (the run's subject rule, see ``subject_candidates``), else ``new``;
 with ``--labels_csv`` it has ``<target>_true`` beside each prediction (empty where the label
 is missing) and ``<output stem>_metrics.json`` holds one block of
-``metrics.split_metrics`` per split, over the records with every label. Records that can't be
-used are listed in ``<output stem>_skipped.csv``.
+``metrics.split_metrics`` per split, over the records with every label, with the
+cuffless-BP blocks of ``metrics.clinical_blocks``. Predictions are the run's reported ones:
+recalibrated when it ran with ``--recalibrate affine``, and with its ``--interval`` the
+``<target>_lo``/``<target>_hi`` columns after all others (both calibrations travel in the
+checkpoint). Records that can't be used are listed in ``<output stem>_skipped.csv``.
 
 A model trained with ``--covariates`` reads them, encoded as in training (the checkpoint
 holds the encoding), from ``--labels_csv`` with ``--npz_dir`` and from the HDF5 metadata
@@ -477,9 +480,11 @@ def splits_of(args, ckpt: dict, ids: Sequence[str], labels: Optional[pd.DataFram
 
 
 def split_reports(ckpt: dict, y_true: np.ndarray, y_pred: np.ndarray, subjects: np.ndarray,
-                  splits: np.ndarray) -> dict:
+                  splits: np.ndarray, labels: Optional[pd.DataFrame] = None,
+                  raw: Optional[np.ndarray] = None, intervals: Optional[tuple] = None) -> dict:
     """One ``metrics.split_metrics`` block per split present among the fully labelled
-    records, in ``SPLIT_ORDER``."""
+    records, in ``SPLIT_ORDER``; with ``labels`` (``truths``, row by row) also the
+    cuffless-BP blocks of ``clinical_report``."""
     complete = ~np.isnan(y_true).any(axis=1)
     report = {}
     for name in SPLIT_ORDER:
@@ -487,7 +492,38 @@ def split_reports(ckpt: dict, y_true: np.ndarray, y_pred: np.ndarray, subjects: 
         if keep.any():
             report[name] = metrics.split_metrics(y_true[keep], y_pred[keep], subjects[keep],
                                                  ckpt["target_cols"], ckpt["target_mean"])
+            if labels is not None:
+                report[name].update(clinical_report(ckpt, keep, y_true, y_pred, subjects,
+                                                    labels, raw, intervals))
     return report
+
+
+def clinical_report(ckpt: dict, keep: np.ndarray, y_true: np.ndarray, y_pred: np.ndarray,
+                    subjects: np.ndarray, labels: pd.DataFrame, raw: Optional[np.ndarray],
+                    intervals: Optional[tuple]) -> dict:
+    """``metrics.clinical_blocks`` of the records ``keep``, with the run's band sets and
+    sex, age and order columns (train_bp.py's flags, kept in the checkpoint's ``args``),
+    the intervals' coverage, and the ``recalibration`` block when the checkpoint has one."""
+    args, cols = ckpt["args"], list(ckpt["target_cols"])
+    part = labels[keep]
+
+    def column(name: Optional[str]) -> Optional[np.ndarray]:
+        return part[name].to_numpy() if name and name in part.columns else None
+
+    order = column(args.get("calibration_order"))
+    conformal = ckpt.get("conformal")
+    out = metrics.clinical_blocks(
+        y_true[keep], y_pred[keep], subjects[keep], cols,
+        metrics.target_band_sets(cols, args.get("bands")),
+        part.index.to_numpy() if order is None else order,
+        sex=column(args.get("sex_col", "sex")), age=column(args.get("age_col", "age")),
+        intervals=None if intervals is None else (intervals[0][keep], intervals[1][keep],
+                                                  conformal))
+    recal = ckpt.get("recalibration")
+    if recal is not None and raw is not None:
+        out["recalibration"] = metrics.recalibration_block(
+            y_true[keep], raw[keep], recal["map"], cols, recal["applied"], engine.MMHG_DECIMALS)
+    return out
 
 
 def record_digests(labels: Optional[pd.DataFrame], computed: Dict[str, str]) -> Dict[str, str]:
@@ -509,12 +545,19 @@ def write_outputs(args, ckpt: dict, ids: List[str], y_pred: np.ndarray, skipped:
     target_cols = list(ckpt["target_cols"])
     splits, checked = splits_of(args, ckpt, ids, labels, record_digests(labels, digests))
     splits = np.array(splits)
+    # as the run reported them: its recalibration when it applied one, its intervals
+    raw = y_pred
+    y_pred, intervals = engine.reported_predictions(raw, ckpt.get("recalibration"),
+                                                    ckpt.get("conformal"), target_cols)
     report, y_true = {}, None
     if labels is not None:
         labels = truths(labels, ids)
         y_true = labels[target_cols].to_numpy(np.float64)
-        report = split_reports(ckpt, y_true, y_pred, labels["subject"].to_numpy(), splits)
-    frame = engine.predictions_frame(ids, y_true, y_pred, target_cols).assign(split=splits)
+        report = split_reports(ckpt, y_true, y_pred, labels["subject"].to_numpy(), splits,
+                               labels, raw, intervals)
+    frame = engine.with_intervals(
+        engine.predictions_frame(ids, y_true, y_pred, target_cols).assign(split=splits),
+        intervals, target_cols)
     utils.write_csv_atomic(args.output, frame)
     utils.write_csv_atomic(stem + "_skipped.csv", pd.DataFrame(skipped, columns=["ssoid", "reason"]))
     if report:

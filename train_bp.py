@@ -177,6 +177,33 @@ def get_args_parser() -> utils.ArgumentParser:
     optim.add_argument("--grad_clip", type=float, default=1.0, help="max gradient norm; 0 turns it off")
     optim.add_argument("--patience", type=int, default=10,
                        help="stop after this many epochs without a better val MAE; 0 never stops")
+    report = p.add_argument_group("evaluation (final_metrics.json; docs/metrics.md)")
+    report.add_argument("--interval", type=float, default=0.9,
+                        help="split-conformal prediction intervals at this level, calibrated on "
+                             "the validation subjects (each subject's largest error is one "
+                             "score, so a new person's readings all lie inside with at least "
+                             "this probability): <target>_lo/_hi columns in the prediction "
+                             "CSVs and predict_bp.py's output, coverage in the metrics; needs "
+                             "at least level/(1-level) validation subjects (9 for 0.9); 0: off")
+    report.add_argument("--interval_mondrian", action="store_true",
+                        help="one interval quantile per band of the predicted value (wider "
+                             "where errors are larger, e.g. at high BP) instead of one per "
+                             "target; a band with too few validation subjects uses the overall")
+    report.add_argument("--recalibrate", default="none", choices=("none", "affine"),
+                        help="affine: report (and let predict_bp.py apply) the least-squares "
+                             "map truth ~ a x prediction + b per target fitted on the validation "
+                             "split, which undoes part of the regression to the mean; none (the "
+                             "default) reports the raw predictions. Both are always in the "
+                             "'recalibration' block")
+    report.add_argument("--bands", nargs="+", default=None, metavar="SET",
+                        help="BP band set of each target for the by-range metrics, in "
+                             "--target_cols order: sbp, dbp, mbp, pp or auto (from the name: "
+                             "sbp/dbp/mbp/pp anywhere in it; the default for every target)")
+    report.add_argument("--sex_col", default="sex",
+                        help="labels-CSV column of the subjects' sex: subgroup MAE and the ISO "
+                             "81060-2 population audit (skipped, with a note, when absent)")
+    report.add_argument("--age_col", default="age",
+                        help="labels-CSV column of the age in years: subgroup MAE by age band")
     run = p.add_argument_group("run")
     run.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
                      help="auto: CUDA when available, else CPU")
@@ -221,6 +248,12 @@ def parse_args(argv: Optional[Sequence[str]]):
         (args.folds == 0 or args.folds >= 2, "--folds must be 0 (no cross-validation) or at "
                                              "least 2"),
         (args.folds > 0 or args.fold == 0, "--fold needs --folds"),
+        (args.interval == 0 or 0 < args.interval < 1,
+         "--interval must be 0 (off) or a level between 0 and 1, e.g. 0.9"),
+        (args.bands is None or len(args.bands) == len(args.target_cols),
+         "--bands needs one band set per --target_cols entry"),
+        (args.bands is None or set(args.bands) <= {"auto", *metrics.BAND_EDGES},
+         f"--bands takes auto or {', '.join(metrics.BAND_EDGES)}"),
         (len(set(args.covariates)) == len(args.covariates), "--covariates names a column twice"),
         (args.modality != "none" or args.covariates,
          "--modality none is a covariates-only model: give --covariates"),
@@ -637,6 +670,48 @@ def split_report(result: dict, part: pd.DataFrame, target_cols: Sequence[str],
     return block
 
 
+def output_calibration(args, val: dict, rows: pd.DataFrame) -> dict:
+    """What bp_best.pth gains at the end, fitted on the validation split alone: the affine
+    ``recalibration`` (``applied`` with --recalibrate affine) and, with --interval, the
+    ``conformal`` calibration of the reported predictions on the validation subjects."""
+    cols = list(args.target_cols)
+    recalibration = {"map": metrics.fit_affine(val["y_true"], val["y_pred"], cols),
+                     "applied": args.recalibrate == "affine", "fitted_on": "val"}
+    conformal = None
+    if args.interval:
+        pred, _ = engine.reported_predictions(val["y_pred"], recalibration, None, cols)
+        subjects = rows.set_index("ssoid").loc[val["ids"], "subject_id"].to_numpy()
+        bands = metrics.target_band_sets(cols, args.bands)
+        conformal = metrics.fit_conformal(val["y_true"], pred, subjects, cols, args.interval,
+                                          bands if args.interval_mondrian else None)
+    return {"recalibration": recalibration, "conformal": conformal}
+
+
+def label_column(part: pd.DataFrame, name: Optional[str]) -> Optional[np.ndarray]:
+    """A labels-CSV column of ``part`` as an array, None when the CSV has no such column."""
+    return part[name].to_numpy() if name and name in part.columns else None
+
+
+def clinical_report(args, result: dict, part: pd.DataFrame, outputs: dict) -> dict:
+    """The cuffless-BP blocks of one split (``metrics.clinical_blocks``) and its
+    ``recalibration`` block (raw beside affine, the map fitted on validation)."""
+    part = part.set_index("ssoid").loc[result["ids"]]
+    cols = list(args.target_cols)
+    order = part[args.calibration_order] if args.calibration_order else part.index
+    intervals = (None if result["intervals"] is None
+                 else (*result["intervals"], outputs["conformal"]))
+    out = metrics.clinical_blocks(result["y_true"], result["y_pred"],
+                                  part["subject_id"].to_numpy(), cols,
+                                  metrics.target_band_sets(cols, args.bands), order.to_numpy(),
+                                  sex=label_column(part, args.sex_col),
+                                  age=label_column(part, args.age_col), intervals=intervals)
+    recal = outputs["recalibration"]
+    out["recalibration"] = metrics.recalibration_block(result["y_true"], result["raw"],
+                                                       recal["map"], cols, recal["applied"],
+                                                       engine.MMHG_DECIMALS)
+    return out
+
+
 def covariate_ridge(rows: pd.DataFrame, target_cols: Sequence[str],
                     covariates: Sequence[dict]) -> Optional[dict]:
     """The ridge regression of the targets on the encoded covariates, fitted on the train
@@ -694,6 +769,48 @@ def print_test_table(block: dict, target_cols: Sequence[str]) -> None:
           + table_cells([m["pearson"], m["r2"]], 8, ".3f") + table_cells([b["mae"]], 10, ".2f")
           + (table_cells([cov["mean"]["mae"]], 11, ".2f")
              + table_cells([cov["mean"]["model_mae_diff"]], 12, "+.2f") if cov else ""))
+
+
+def clinical_cells(block: dict, target: str) -> str:
+    """One target's cells of ``print_clinical_table``: the worst true-BP band with its N
+    and MAE, slope and SD ratio of prediction on truth, interval coverage and width, and
+    ISO 81060-2 criteria 1 and 2 (``-`` where the block has no such number)."""
+    rng = block["by_range"][target]
+    worst = metrics.worst_band(rng)
+    band = f"{worst['band']} (N {worst['n']})" if worst else "-"
+    cells = f" {band:>16}" + (table_cells([worst["mae"]], 8, ".2f") if worst else f"{'-':>8}")
+    cells += "".join(f"{'-':>9}" if v is None else table_cells([v], 9, ".2f")
+                     for v in (rng.get("pred_slope"), rng.get("sd_ratio")))
+    interval = block.get("intervals", {}).get("per_target", {}).get(target, {})
+    cells += ("".join(table_cells([interval[k]], 9, ".2f") for k in ("coverage", "mean_width"))
+              if "coverage" in interval else f"{'-':>9}{'-':>9}")
+    iso = block["iso81060_2"]["per_target"].get(target)
+    verdict = (lambda c: "pass" if c["pass"] else "fail")
+    return cells + (f"{verdict(iso['criterion_1']):>7}{verdict(iso['criterion_2']):>7}"
+                    if iso else f"{'-':>7}{'-':>7}")
+
+
+def print_clinical_table(block: dict, target_cols: Sequence[str], label: str = "test") -> None:
+    """Per target the worst BP band, the regression to the mean, the interval's coverage
+    and ISO 81060-2's criteria; then whether the population meets the standard's minimums."""
+    level = block.get("intervals", {}).get("level")
+    name = max(16, 2 + max(len(c) for c in target_cols))
+    print(f"\n{label} by true BP band, {f'{level:.0%} interval' if level else 'no interval'} and "
+          f"ISO 81060-2 (docs/metrics.md):")
+    print(f"{'target':<{name}}{'worst band':>17}{'its MAE':>8}{'slope':>9}{'SD ratio':>9}"
+          f"{'covered':>9}{'width':>9}{'ISO c1':>7}{'ISO c2':>7}")
+    for c in target_cols:
+        print(f"{c:<{name}}" + clinical_cells(block, c))
+    notes = {v["note"] for v in block.get("intervals", {}).get("per_target", {}).values()
+             if "note" in v}
+    for note in sorted(notes):
+        print(f"note: interval: {note} (use more subjects or a larger --val_ratio)")
+    audit = block["iso81060_2"]["population"]
+    if not audit["pass"]:
+        failed = [f"{k} {v.get('n', '')}".strip() for k, v in audit["checks"].items()
+                  if not v["pass"]]
+        print(f"note: the {label} population does not meet ISO 81060-2's minimums ("
+              + ", ".join(failed + audit["not_assessed"]) + "): its criteria are no validation")
 
 
 def table_cells(values: Sequence[float], width: int, fmt: str) -> str:
@@ -906,7 +1023,7 @@ def final_report(args, model, eval_model, loaders, loss_fn, device,
     """Evaluate the best checkpoint on val and test; rank 0 writes the predictions and
     metrics and returns the report (other ranks return None). Both prediction CSVs are
     written before any metric is computed, so a report step that fails loses no run."""
-    best = None
+    best = ckpt = None
     if dist.is_main:
         ckpt = utils.load_checkpoint(os.path.join(args.out_dir, "bp_best.pth"))
         best = {"model": ckpt["model"], "epoch": int(ckpt["epoch"])}
@@ -921,13 +1038,22 @@ def final_report(args, model, eval_model, loaders, loss_fn, device,
         # the truths as the labels CSV holds them, not round-tripped through float32
         result["y_true"] = rows.set_index("ssoid").loc[result["ids"], list(args.target_cols)]\
             .to_numpy(np.float64)
+    outputs = output_calibration(args, results["val"], rows)
+    for split, result in results.items():
+        result["raw"] = result["y_pred"]
+        result["y_pred"], result["intervals"] = engine.reported_predictions(
+            result["raw"], outputs["recalibration"], outputs["conformal"], args.target_cols)
         engine.write_predictions(os.path.join(args.out_dir, f"{split}_predictions.csv"),
                                  result["ids"], result["y_true"], result["y_pred"],
-                                 args.target_cols)
+                                 args.target_cols, result["intervals"])
+    # predict_bp.py applies what the run reported: bp_best.pth carries both calibrations
+    utils.save_checkpoint(os.path.join(args.out_dir, "bp_best.pth"), {**ckpt, **outputs})
     ridge = ridge_of(stats)
     for split, result in results.items():
-        report[split] = split_report(result, rows[rows["split"] == split], args.target_cols,
-                                     stats, ridge, args.calibration_order)
+        part = rows[rows["split"] == split]
+        report[split] = split_report(result, part, args.target_cols, stats, ridge,
+                                     args.calibration_order)
+        report[split].update(clinical_report(args, result, part, outputs))
     utils.write_json_atomic(os.path.join(args.out_dir, "final_metrics.json"), report)
     return report
 
@@ -1036,6 +1162,7 @@ def train(args, dist: utils.DistInfo, device: torch.device) -> None:
         return
     plot_results.plot_run(args.out_dir)
     print_test_table(report["test"], args.target_cols)
+    print_clinical_table(report["test"], args.target_cols)
     if report["test"].get("calibrated", {}).get("informative") is False:
         print(f"note: test 'calibrated' block: {report['test']['calibrated']['note']}")
     print(f"\nbest epoch {report['best_epoch']} (val MAE mean "

@@ -295,11 +295,118 @@ def test_clinical_blocks_of_one_split():
     cal = metrics.fit_conformal(t, p, s, ["sbp", "dbp"], 0.8)
     lo, hi = metrics.conformal_intervals(p, cal, ["sbp", "dbp"])
     out = metrics.clinical_blocks(t, p, s, ["sbp", "dbp"], ["sbp", "dbp"],
-                                  groups={"sex": metrics._group_text(s % 2)},
-                                  sex=s % 2, intervals=(lo, hi, cal))
+                                  sex=s % 2, age=np.full(30, 45.0), intervals=(lo, hi, cal))
     assert set(out) == {"by_range", "iso81060_2", "subject_level", "tracking", "subgroups",
                         "intervals"}
     # in-sample: the 9th largest of 10 subject scores (rank ceil(11 x 0.8)) covers 9 subjects
     assert out["intervals"]["per_target"]["sbp"]["subject_coverage"] == pytest.approx(0.9)
     assert out["iso81060_2"]["population"]["checks"]["sex"]["pass"]
     assert out["tracking"]["n_subjects"] == 10
+    assert [g["group"] for g in out["subgroups"]["age"]] == ["40-50"]
+
+
+# ----------------------------------------------------------------------------- end to end
+TARGETS = ["right_arm_sbp", "right_arm_dbp"]
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory):
+    from conftest import prepared_cohort
+    return prepared_cohort(tmp_path_factory.mktemp("cohort"), 30, 3, 5, TARGETS, 200,
+                           extra_cols=("age", "sex"))
+
+
+def _train(cohort, out, labels=None, *extra):
+    import train_bp
+    train_bp.main(["--npz_dir", cohort["npz"], "--labels_csv", labels or cohort["labels"],
+                   "--out_dir", str(out), "--target_cols", *TARGETS, "--modality", "none",
+                   "--covariates", "age", "sex", "--epochs", "1", "--batch_size", "32",
+                   "--num_workers", "0", "--val_ratio", "0.34", "--test_ratio", "0.3",
+                   "--seed", "3", *extra])
+    return out
+
+
+@pytest.fixture(scope="module")
+def runs(cohort, tmp_path_factory):
+    """A default run, and one with --recalibrate affine whose test labels are noise."""
+    import pandas as pd
+    base = tmp_path_factory.mktemp("runs")
+    plain = _train(cohort, base / "plain")
+    split = pd.read_csv(plain / "split.csv", dtype=str)
+    labels = pd.read_csv(cohort["labels"], dtype={"ssoid": str})
+    test = labels["ssoid"].isin(split.loc[split["split"] == "test", "ssoid"])
+    rng = np.random.default_rng(0)
+    for col in TARGETS:
+        labels.loc[test, col] = rng.uniform(60, 200, int(test.sum())).round()
+    labels.to_csv(base / "noisy.csv", index=False)
+    affine = _train(cohort, base / "affine", str(base / "noisy.csv"), "--recalibrate", "affine")
+    return plain, affine
+
+
+def _load(out):
+    import json
+    import pandas as pd
+    import torch
+    return (torch.load(out / "bp_best.pth", weights_only=True),
+            json.load(open(out / "final_metrics.json")),
+            pd.read_csv(out / "test_predictions.csv", dtype={"ssoid": str}))
+
+
+def test_run_reports_every_block_and_interval_columns_after_the_contract_ones(runs):
+    ckpt, report, test = _load(runs[0])
+    contract = ["ssoid"] + [f"{t}_{k}" for t in TARGETS for k in ("true", "pred")]
+    assert list(test.columns) == contract + [f"{t}_{k}" for t in TARGETS for k in ("lo", "hi")]
+    for split in ("val", "test"):
+        assert {"by_range", "iso81060_2", "subject_level", "tracking", "subgroups", "intervals",
+                "recalibration"} <= set(report[split])
+        assert [g["group"] for g in report[split]["subgroups"]["sex"]] == ["0", "1"]
+    cal = ckpt["conformal"]
+    assert cal["level"] == 0.9 and cal["n_subjects"] == 10 and not ckpt["recalibration"]["applied"]
+    for t in TARGETS:
+        q = cal["per_target"][t]["quantile"]
+        assert test[f"{t}_hi"].to_numpy() == pytest.approx(test[f"{t}_pred"] + q, abs=1e-4)
+        assert test[f"{t}_lo"].to_numpy() == pytest.approx(test[f"{t}_pred"] - q, abs=1e-4)
+        inside = (test[f"{t}_lo"] <= test[f"{t}_true"]) & (test[f"{t}_true"] <= test[f"{t}_hi"])
+        assert report["test"]["intervals"]["per_target"][t]["coverage"] == pytest.approx(inside.mean())
+        bands = report["test"]["by_range"][t]["bands"]
+        assert sum(b["n"] for b in bands) == len(test)
+
+
+def test_recalibration_and_intervals_are_fitted_on_validation_only(runs):
+    plain, affine = (_load(r) for r in runs)
+    # test labels replaced by noise change none of the fitted parameters
+    assert affine[0]["recalibration"]["map"] == plain[0]["recalibration"]["map"]
+    assert affine[0]["recalibration"]["applied"]
+    raw = plain[2][[f"{t}_pred" for t in TARGETS]].to_numpy()
+    mapped = metrics.apply_affine(raw, plain[0]["recalibration"]["map"], TARGETS)
+    assert affine[2][[f"{t}_pred" for t in TARGETS]].to_numpy() == pytest.approx(mapped, abs=1e-4)
+    block = affine[1]["test"]["recalibration"]
+    assert block["affine"]["per_target"][TARGETS[0]]["mae"] == \
+        pytest.approx(affine[1]["test"]["per_target"][TARGETS[0]]["mae"])
+    # the intervals are calibrated on the recalibrated validation predictions
+    assert affine[0]["conformal"]["per_target"] != plain[0]["conformal"]["per_target"]
+
+
+def test_predict_applies_the_checkpoints_recalibration_and_intervals(runs, cohort, tmp_path):
+    import json
+    import pandas as pd
+    import predict_bp
+    affine = runs[1]
+    out = tmp_path / "preds.csv"
+    predict_bp.main(["--checkpoint", str(affine / "bp_best.pth"), "--npz_dir", cohort["npz"],
+                     "--labels_csv", str(affine.parent / "noisy.csv"), "--output", str(out),
+                     "--device", "cpu"])
+    pred = pd.read_csv(out, dtype={"ssoid": str})
+    contract = ["ssoid"] + [f"{t}_{k}" for t in TARGETS for k in ("true", "pred")] + ["split"]
+    assert list(pred.columns) == contract + [f"{t}_{k}" for t in TARGETS for k in ("lo", "hi")]
+    test = pd.read_csv(affine / "test_predictions.csv", dtype={"ssoid": str}).set_index("ssoid")
+    ours = pred[pred["split"] == "test"].set_index("ssoid").loc[test.index]
+    for t in TARGETS:
+        for kind in ("pred", "lo", "hi"):
+            assert ours[f"{t}_{kind}"].to_numpy() == pytest.approx(test[f"{t}_{kind}"], abs=1e-3)
+    report = json.load(open(tmp_path / "preds_metrics.json"))
+    trained = json.load(open(affine / "final_metrics.json"))["test"]
+    for key in ("by_range", "intervals", "recalibration", "tracking", "iso81060_2"):
+        assert key in report["test"]
+    cover = report["test"]["intervals"]["per_target"][TARGETS[0]]["coverage"]
+    assert cover == pytest.approx(trained["intervals"]["per_target"][TARGETS[0]]["coverage"])

@@ -42,7 +42,8 @@ def cv(cohort, tmp_path_factory):
 def test_every_record_is_predicted_once_by_the_fold_that_never_saw_its_subject(cv, cohort):
     pred = pd.read_csv(cv / "cv_predictions.csv", dtype={"ssoid": str})
     assert list(pred.columns) == ["ssoid", "fold"] + [f"{t}_{k}" for t in TARGETS
-                                                       for k in ("true", "pred")]
+                                                       for k in ("true", "pred")] \
+        + [f"{t}_{k}" for t in TARGETS for k in ("lo", "hi")]  # each fold's own interval
     labels = pd.read_csv(cohort["labels"], dtype={"ssoid": str})
     assert sorted(pred["ssoid"]) == sorted(labels["ssoid"]) and pred["ssoid"].is_unique
     subjects = pred["ssoid"].str.split("_").str[0]

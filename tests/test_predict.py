@@ -35,7 +35,9 @@ def test_prediction_of_the_test_split_reproduces_training_output(trained, cohort
                      "--output", str(out), "--labels_csv", cohort["labels"]])
     ours = pd.read_csv(out, dtype={"ssoid": str}).set_index("ssoid")
     theirs = pd.read_csv(trained["run"] / "test_predictions.csv", dtype={"ssoid": str}).set_index("ssoid")
-    assert list(ours.columns) == list(theirs.columns) + ["split"]
+    intervals = [f"{t}_{k}" for t in TARGETS for k in ("lo", "hi")]  # after every other
+    assert list(ours.columns) == [c for c in theirs.columns if c not in intervals] + ["split"] \
+        + intervals
     assert set(ours["split"]) == {"test"}
     ours = ours.loc[theirs.index]
     # other batches than training's evaluation: equal to float32 precision
@@ -112,10 +114,11 @@ def test_h5_path_gives_the_same_predictions_as_npz_dir(trained, cohort, tmp_path
                      "--batch_size", "7"])
     a = pd.read_csv(from_npz, dtype={"ssoid": str}).set_index("ssoid")
     b = pd.read_csv(from_h5, dtype={"ssoid": str}).set_index("ssoid")
-    assert list(a.columns) == [f"{t}_pred" for t in TARGETS] + ["split"]
+    preds = [f"{t}_pred" for t in TARGETS]
+    assert list(a.columns) == preds + ["split"] + [f"{t}_{k}" for t in TARGETS for k in ("lo", "hi")]
     assert sorted(a.index) == sorted(b.index) and len(a) == 60
-    np.testing.assert_allclose(b.loc[a.index, a.columns[:-1]].to_numpy(),
-                               a[a.columns[:-1]].to_numpy(), rtol=0, atol=MMHG_ATOL)
+    np.testing.assert_allclose(b.loc[a.index, preds].to_numpy(),
+                               a[preds].to_numpy(), rtol=0, atol=MMHG_ATOL)
 
 
 def _cli(argv):

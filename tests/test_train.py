@@ -67,8 +67,10 @@ def test_every_contract_file_has_its_columns_and_keys(run):
     assert list(history.columns[:len(expected)]) == expected
     assert history["epoch"].tolist() == [1, 2, 3]
     pred_cols = ["ssoid"] + [f"{t}_{k}" for t in TARGETS for k in ("true", "pred")]
+    interval_cols = [f"{t}_{k}" for t in TARGETS for k in ("lo", "hi")]  # --interval, after
     for split in ("val", "test"):
-        assert list(pd.read_csv(os.path.join(run, f"{split}_predictions.csv")).columns) == pred_cols
+        columns = list(pd.read_csv(os.path.join(run, f"{split}_predictions.csv")).columns)
+        assert columns == pred_cols + interval_cols
     metrics = json.load(open(os.path.join(run, "final_metrics.json")))
     assert metrics["target_cols"] == TARGETS and 1 <= metrics["best_epoch"] <= 3
     for split in ("val", "test"):
