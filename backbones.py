@@ -336,6 +336,13 @@ def normalise_config(cfg: Union[BPModelConfig, Mapping]) -> BPModelConfig:
                                fusion_channels=cfg.fusion_channels or min(256, width))
 
 
+def encoder_names(modality: str, fusion: str) -> Tuple[str, ...]:
+    """The encoders a model of ``modality`` and ``fusion`` holds (late and mid share theirs)."""
+    if modality == "both":
+        return ("both",) if fusion == "early" else ("ecg", "ppg")
+    return () if modality == "none" else (modality,)
+
+
 class TemporalFusion(nn.Module):
     """Mid fusion: 1x1 conv mixing the concatenated ECG/PPG maps, then a k=5 conv in time."""
 
@@ -407,13 +414,9 @@ class BPModel(nn.Module):
     def __init__(self, cfg: BPModelConfig):
         super().__init__()
         self.config = cfg
-        enc_cfg = Net1DConfig(**cfg.net1d)
-        if cfg.fusion == "early":
-            names: Tuple[str, ...] = ("both",)
-            enc_cfg = dataclasses.replace(enc_cfg, in_channels=2, n_classes=0)
-        else:
-            names = {"both": ("ecg", "ppg"), "none": ()}.get(cfg.modality, (cfg.modality,))
-            enc_cfg = dataclasses.replace(enc_cfg, in_channels=1, n_classes=0)
+        names = encoder_names(cfg.modality, cfg.fusion)
+        enc_cfg = dataclasses.replace(Net1DConfig(**cfg.net1d), n_classes=0,
+                                      in_channels=2 if cfg.fusion == "early" else 1)
         self.encoders = nn.ModuleDict({n: Net1D(enc_cfg) for n in names})
         width = enc_cfg.filter_list[-1]
         n_features = width * len(names)
@@ -713,6 +716,32 @@ def _load_head(model: BPModel, ckpt, rest: dict, target_cols: Optional[Sequence[
                                            "encoding"}
 
 
+def _settings_text(arch: str, modality: str, fusion: str) -> str:
+    return f"--arch {arch} --modality {modality}" + (
+        f" --fusion {fusion}" if modality == "both" else "")
+
+
+def _check_encoder_settings(model: BPModel, ckpt, path: str) -> None:
+    """A file that records the settings its encoders were trained with (``encoder_settings``
+    with ``arch``, ``modality``, ``fusion``, ``net1d``: pretrain_ssl.py's ssl_encoders.pth)
+    must match this model's encoders: the same Net1D and the same encoders (late and mid
+    fusion have the same two); ``UserError`` naming both settings otherwise."""
+    saved = ckpt.get("encoder_settings") if isinstance(ckpt, Mapping) else None
+    if not isinstance(saved, Mapping):
+        return
+    cfg = model.config
+    ignore = ("in_channels", "n_classes")
+    same_net = ({k: v for k, v in dict(saved["net1d"]).items() if k not in ignore}
+                == {k: v for k, v in cfg.net1d.items() if k not in ignore})
+    if same_net and encoder_names(saved["modality"], saved["fusion"]) == tuple(model.encoders):
+        return
+    raise UserError(f"checkpoint {path} holds encoders pre-trained with "
+                    f"{_settings_text(saved['arch'], saved['modality'], saved['fusion'])}, "
+                    f"but this model is {_settings_text(cfg.arch, cfg.modality, cfg.fusion)}: "
+                    f"use the settings of the pre-training (late and mid fusion share "
+                    f"their encoders)")
+
+
 def load_pretrained(model: BPModel, path: str, trust: bool = False,
                     target_cols: Optional[Sequence[str]] = None, verbose: bool = True,
                     stats: Optional[Mapping] = None) -> dict:
@@ -726,6 +755,7 @@ def load_pretrained(model: BPModel, path: str, trust: bool = False,
     Raises ``UserError`` naming ``path`` for every case listed in the module docstring.
     """
     ckpt = load_checkpoint(path, trust=trust)
+    _check_encoder_settings(model, ckpt, path)
     container, state = _state_dict_of(ckpt, path)
     state = {_strip_wrappers(k): v for k, v in state.items()}
     layout, sources, rest, dropped = _split_sources(state)

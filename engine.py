@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from typing import Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 import pandas as pd
@@ -96,43 +96,64 @@ def _optimizer_step(model: torch.nn.Module, optimizer, scaler, grad_clip: float)
 def train_one_epoch(model: torch.nn.Module, loader, loss_fn, optimizer, device: torch.device,
                     amp_dtype: Optional[torch.dtype], scaler, grad_clip: float,
                     epoch: int, scheduler=None, accum_steps: int = 1) -> Dict[str, float]:
-    """One pass over ``loader``; optimiser steps with a non-finite gradient are skipped
-    and counted (with ``accum_steps`` > 1, a step sums that many batches' gradients).
+    """One pass over ``loader`` of ``(x, covariates, y, ids)`` batches with
+    ``loss_fn(model(x, covariates), y)``; see ``train_steps`` for the rest."""
+    def batch_loss(batch):
+        x, cov, y, _ = batch
+        x, cov, y = (t.to(device, non_blocking=True) for t in (x, cov, y))
+        with autocast(device, amp_dtype):
+            pred = model(x, cov)
+        return loss_fn(pred.float(), y), len(x), {}
 
-    ``scheduler`` (optional) advances once per optimiser step taken. Losses and counts
-    are summed over the ranks of a distributed run. ``lr_first``/``lr_last`` map each
-    parameter group's name to the learning rate its first and last step of the epoch used.
+    return train_steps(model, loader, batch_loss, optimizer, scaler, grad_clip, epoch,
+                       scheduler, accum_steps)
+
+
+def train_steps(model: torch.nn.Module, loader, batch_loss: Callable, optimizer, scaler,
+                grad_clip: float, epoch: int, scheduler=None,
+                accum_steps: int = 1) -> Dict[str, object]:
+    """One pass over ``loader``, whatever its batches: ``batch_loss(batch)`` returns (the
+    loss tensor, the batch's record count, a dict of further per-batch means to report,
+    e.g. a pretext accuracy; the same keys every batch) and runs the forward pass itself,
+    under ``autocast`` when it wants AMP. Optimiser steps with a non-finite gradient are
+    skipped and counted (with ``accum_steps`` > 1, a step sums that many batches'
+    gradients; ``model``, DDP-wrapped in a distributed run, syncs only on the last).
+
+    ``scheduler`` (optional) advances once per optimiser step taken. Losses, ``extras``
+    (record-weighted means over the steps taken) and counts are summed over the ranks of
+    a distributed run. ``lr_first``/``lr_last`` map each parameter group's name to the
+    learning rate its first and last step of the epoch used.
 
     Raises ``UserError`` when every step of the epoch was skipped.
     """
     model.train()
     optimizer.zero_grad(set_to_none=True)
     total, n_seen, n_steps, n_bad = 0.0, 0, 0, 0
+    extras: Dict[str, float] = {}
     lr_first: Optional[Dict[str, float]] = None
     lr_last: Optional[Dict[str, float]] = None
-    group_loss, group_n = 0.0, 0
+    group_loss, group_n, group_extras = 0.0, 0, {}
     n_batches = len(loader)
     start = time.perf_counter()
     bar = progress(loader, desc=f"epoch {epoch} train", unit="batch", leave=False)
-    for i, (x, cov, y, _) in enumerate(bar):
+    for i, batch in enumerate(bar):
         group_start = i - i % accum_steps
         group = min(accum_steps, n_batches - group_start)  # the last group may be short
         last = i + 1 == group_start + group
-        x, cov, y = (t.to(device, non_blocking=True) for t in (x, cov, y))
         # DDP all-reduces the gradients only on the last micro-batch of a group
         sync = model.no_sync() if not last and hasattr(model, "no_sync") \
             else contextlib.nullcontext()
         with sync:
-            with autocast(device, amp_dtype):
-                pred = model(x, cov)
-            loss = loss_fn(pred.float(), y)
+            loss, n, batch_extras = batch_loss(batch)
             value = loss.item()
             if not math.isfinite(value):
                 # NaN gradients reach every rank through the all-reduce: all skip this step
                 loss = loss * math.nan
             scaler.scale(loss / group).backward()
-        group_loss += value * len(x)
-        group_n += len(x)
+        group_loss += value * n
+        group_n += n
+        for key, v in batch_extras.items():
+            group_extras[key] = group_extras.get(key, 0.0) + float(v) * n
         if not last:
             continue
         n_steps += 1
@@ -142,12 +163,16 @@ def train_one_epoch(model: torch.nn.Module, loader, loss_fn, optimizer, device: 
             if scheduler is not None:
                 scheduler.step()
             total, n_seen = total + group_loss, n_seen + group_n
+            for key, v in group_extras.items():
+                extras[key] = extras.get(key, 0.0) + v
             bar.set_postfix(loss=f"{total / n_seen:.4f}", refresh=False)
         else:
             n_bad += 1
-        group_loss, group_n = 0.0, 0
+        group_loss, group_n, group_extras = 0.0, 0, {}
     seconds = time.perf_counter() - start
-    total, n_seen, n_steps, n_bad = all_reduce_sum([total, n_seen, n_steps, n_bad])
+    keys = sorted(extras)
+    total, n_seen, n_steps, n_bad, *sums = all_reduce_sum(
+        [total, n_seen, n_steps, n_bad, *(extras[k] for k in keys)])
     n_seen, n_steps, n_bad = int(n_seen), int(n_steps), int(n_bad)
     if n_steps and n_bad == n_steps:
         raise UserError(f"epoch {epoch}: all {n_steps} training steps had a non-finite loss "
@@ -156,6 +181,7 @@ def train_one_epoch(model: torch.nn.Module, loader, loss_fn, optimizer, device: 
     return {"loss": total / n_seen if n_seen else math.nan, "n_records": n_seen,
             "skipped_steps": n_bad, "seconds": seconds,
             "records_per_s": n_seen / seconds if seconds > 0 else 0.0,
+            "extras": {k: s / n_seen if n_seen else math.nan for k, s in zip(keys, sums)},
             "lr_first": lr_first or {}, "lr_last": lr_last or {}}
 
 

@@ -93,3 +93,71 @@ def build_loss(name: str, alpha: float = 1.0, beta: float = 1.0, delta: float = 
     if name == "l1":
         return PointwiseLoss(F.l1_loss)
     return MAEPearsonLoss(alpha=float(alpha), beta=float(beta))
+
+
+# ----------------------------------------------------------------------------- self-supervised
+# pretrain_ssl.py's objectives. Embeddings arrive L2-normalised; ``keys`` are those of the
+# whole global batch (gathered over the ranks with gradients), ``anchors`` this rank's rows.
+# Each returns (loss, accuracy): the accuracy is the objective's pretext score (top-1
+# retrieval of a positive, or the share of timing labels told right).
+def _check_temperature(temperature: float) -> None:
+    _check_arg("--temperature", temperature, positive=True)
+
+
+def contrastive_positives(anchor_instance: torch.Tensor, key_instance: torch.Tensor,
+                          anchor_subject: torch.Tensor, key_subject: torch.Tensor) -> torch.Tensor:
+    """(n, N) bool: key j is a positive of anchor i when both are views of one record or,
+    where the subject is known (>= 0), records of one subject (SupCon's label positives)."""
+    same_record = anchor_instance[:, None] == key_instance[None, :]
+    known = (anchor_subject[:, None] >= 0) & (key_subject[None, :] >= 0)
+    return same_record | (known & (anchor_subject[:, None] == key_subject[None, :]))
+
+
+def supcon_loss(anchors: torch.Tensor, keys: torch.Tensor, self_index: torch.Tensor,
+                positive: torch.Tensor, temperature: float = 0.1):
+    """Supervised-contrastive loss (Khosla et al. 2020, L_out; SimCLR's NT-Xent, Chen et
+    al. 2020, when each anchor's one positive is its other view): per anchor i,
+    ``-mean_{p in P(i)} log softmax_{a != i}(s_ia / t)_p`` with s the cosine similarity,
+    averaged over the anchors. ``self_index`` (n,) is each anchor's own column in ``keys``,
+    left out of its softmax and of its positives. With one positive at similarity 1 and
+    M others at 0 the loss is log(1 + M exp(-1/t)); with random embeddings about log(N-1)."""
+    _check_temperature(temperature)
+    anchors, keys = anchors.float(), keys.float()
+    logits = anchors @ keys.T / temperature
+    own = torch.zeros_like(positive)
+    own[torch.arange(len(anchors)), self_index] = True
+    logits = logits.masked_fill(own, -math.inf)
+    positive = positive & ~own
+    log_prob = logits - torch.logsumexp(logits, dim=1, keepdim=True)
+    n_pos = positive.sum(1)
+    if bool((n_pos == 0).any()):
+        raise ValueError("every anchor needs a positive (its other view) among the keys")
+    loss = -(log_prob.masked_fill(~positive, 0.0).sum(1) / n_pos).mean()
+    accuracy = positive.gather(1, logits.argmax(1, keepdim=True)).float().mean()
+    return loss, accuracy
+
+
+def clip_loss(a: torch.Tensor, b: torch.Tensor, a_keys: torch.Tensor, b_keys: torch.Tensor,
+              index: torch.Tensor, temperature: float = 0.1):
+    """CLIP's symmetric InfoNCE (Radford et al. 2021) between two modalities of the same
+    windows: the rows ``a``, ``b`` (n, d) of this rank, ``a_keys``, ``b_keys`` (N, d) of
+    the global batch, ``index`` (n,) each row's position there. Loss = mean of the
+    cross-entropies a -> b_keys and b -> a_keys (a perfect alignment of unit vectors with
+    orthogonal negatives: log(1 + (N-1) exp(-1/t)); shuffled pairs: about log N);
+    accuracy = the mean top-1 retrieval of the true partner, both ways."""
+    _check_temperature(temperature)
+    a, b, a_keys, b_keys = (t.float() for t in (a, b, a_keys, b_keys))
+    to_b, to_a = a @ b_keys.T / temperature, b @ a_keys.T / temperature
+    loss = 0.5 * (F.cross_entropy(to_b, index) + F.cross_entropy(to_a, index))
+    accuracy = 0.5 * ((to_b.argmax(1) == index).float().mean()
+                      + (to_a.argmax(1) == index).float().mean())
+    return loss, accuracy
+
+
+def timing_loss(logits: torch.Tensor, aligned: torch.Tensor):
+    """The timing pretext's binary cross-entropy: ``logits`` (n,) say "the PPG is the ECG's
+    own, in its true timing" for ``aligned`` (n,) 1, "the PPG was moved in time" for 0;
+    accuracy = the share told right (chance 0.5)."""
+    logits, target = logits.float().reshape(-1), aligned.float().reshape(-1)
+    loss = F.binary_cross_entropy_with_logits(logits, target)
+    return loss, ((logits > 0).float() == target).float().mean()
