@@ -29,7 +29,7 @@ import os
 import subprocess
 import time
 from dataclasses import asdict
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import pandas as pd
@@ -1019,9 +1019,10 @@ def evaluate_split(model, loaders, split: str, loss_fn, device, stats: dict) -> 
 
 
 def final_report(args, model, eval_model, loaders, loss_fn, device,
-                 rows: pd.DataFrame, stats: dict, dist: utils.DistInfo) -> Optional[dict]:
-    """Evaluate the best checkpoint on val and test; rank 0 writes the predictions and
-    metrics and returns the report (other ranks return None). Both prediction CSVs are
+                 rows: pd.DataFrame, stats: dict, dist: utils.DistInfo,
+                 splits: Sequence[str] = ("val", "test")) -> Optional[dict]:
+    """Evaluate the best checkpoint on ``splits``; rank 0 writes the predictions and
+    metrics and returns the report (other ranks return None). Every prediction CSV is
     written before any metric is computed, so a report step that fails loses no run."""
     best = ckpt = None
     if dist.is_main:
@@ -1031,7 +1032,7 @@ def final_report(args, model, eval_model, loaders, loss_fn, device,
     model.load_state_dict(best["model"])
     report = {"target_cols": list(args.target_cols), "best_epoch": best["epoch"]}
     results = {split: evaluate_split(eval_model, loaders, split, loss_fn, device, stats)
-               for split in ("val", "test")}
+               for split in splits}
     if not dist.is_main:
         return None
     for split, result in results.items():
@@ -1080,7 +1081,13 @@ def save_epoch(args, model, stats: dict, epoch: int, rows: pd.DataFrame, seq_len
 
 
 # ============================================================================= main
-def main(argv: Optional[Sequence[str]] = None) -> None:
+def main(argv: Optional[Sequence[str]] = None, on_epoch: Optional[Callable] = None,
+         evaluate_test: bool = True) -> None:
+    """Train as the command line says. For tune_bp.py's trials: ``on_epoch(epoch, row)``
+    is called on every rank after each epoch's files are written (``row`` is its
+    history.csv row; an exception it raises ends the run there, like a kill), and
+    ``evaluate_test=False`` leaves the test split unevaluated (final_metrics.json holds
+    ``val`` alone; --resume later adds the test)."""
     args = parse_args(argv)
     dist = utils.dist_env()
     device = engine.resolve_device(args.device, dist.local_rank)
@@ -1088,13 +1095,14 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     threads = torch.get_num_threads()
     torch.set_num_threads(args.threads or threads)
     try:
-        train(args, dist, device)
+        train(args, dist, device, on_epoch, evaluate_test)
     finally:  # as it was, for a caller in the same process (crossval_bp.py, tests)
         torch.set_num_threads(threads)
         utils.destroy_distributed()
 
 
-def train(args, dist: utils.DistInfo, device: torch.device) -> None:
+def train(args, dist: utils.DistInfo, device: torch.device,
+          on_epoch: Optional[Callable] = None, evaluate_test: bool = True) -> None:
     print(run_line(args))
     amp_dtype = engine.resolve_amp(args.amp, device)
     utils.seed_everything(args.seed + dist.rank)  # own dropout masks per rank
@@ -1154,11 +1162,17 @@ def train(args, dist: utils.DistInfo, device: torch.device) -> None:
             save_epoch(args, model, stats, epoch, rows, seq_len, improved, training_state(
                 optimizer, scheduler, scaler, history, best, rng_states), history)
             print(epoch_line(epoch, args.epochs, row, args.target_cols, improved))
+        if on_epoch is not None:
+            on_epoch(epoch, row)
 
     # ---------------------------------------------------------------- results
     report = final_report(args, model, eval_model, loaders, loss_fn, device, rows,
-                          stats, dist)
+                          stats, dist, ("val", "test") if evaluate_test else ("val",))
     if report is None:
+        return
+    if not evaluate_test:
+        print(f"best epoch {report['best_epoch']} (val MAE mean "
+              f"{report['val']['mean']['mae']:.2f}); test split not evaluated")
         return
     plot_results.plot_run(args.out_dir)
     print_test_table(report["test"], args.target_cols)
