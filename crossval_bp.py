@@ -137,18 +137,22 @@ def run_folds(args, train_argv: List[str]) -> None:
 def fold_frame(out: str, fold: int, labels: pd.DataFrame, target_cols: Sequence[str],
                ckpt: dict) -> pd.DataFrame:
     """One fold's test predictions with their subject, fold, train-mean baseline and
-    (with covariates) ridge baseline predictions."""
+    (with covariates) ridge and boosted-tree baseline predictions, each fold's own."""
     pred = pd.read_csv(os.path.join(out, "test_predictions.csv"), dtype={"ssoid": str})
     split = pd.read_csv(os.path.join(out, "split.csv"), dtype=str).set_index("ssoid")
-    ridge = train_bp.ridge_of(ckpt)
+    ridge, gbm = train_bp.ridge_of(ckpt), train_bp.gbm_of(ckpt)
     test = labels.drop_duplicates("ssoid").set_index("ssoid").loc[pred["ssoid"]]
     frame = pred.assign(fold=fold, subject=split.loc[pred["ssoid"], "subject_id"].to_numpy())
     for k, col in enumerate(target_cols):
         frame[f"{col}_base"] = ckpt["target_mean"][k]
-    if ridge is not None:
-        ridge_pred = ridge(dataset.encode_covariates(test, ckpt["covariates"])[0])
-        for k, col in enumerate(target_cols):
-            frame[f"{col}_ridge"] = ridge_pred[:, k]
+    x = dataset.encode_covariates(test, ckpt["covariates"])[0] if ridge else None
+    for name, fitted in (("ridge", ridge), ("gbm", gbm)):
+        if fitted is not None:
+            fitted_pred = fitted(x)
+            for k, col in enumerate(target_cols):
+                frame[f"{col}_{name}"] = fitted_pred[:, k]
+    for k, col in enumerate(target_cols if gbm else ()):
+        frame[f"{col}_gbm_trees"] = gbm.n_trees[k]
     recal = ckpt.get("recalibration")
     if recal is not None and not recal["applied"]:  # what this fold's own affine map gives
         mapped = metrics.apply_affine(pred[[f"{c}_pred" for c in target_cols]].to_numpy(),
@@ -168,20 +172,34 @@ def pooled_block(frame: pd.DataFrame, target_cols: Sequence[str],
     t = frame[[f"{c}_true" for c in cols]].to_numpy(np.float64)
     p = frame[[f"{c}_pred" for c in cols]].to_numpy(np.float64)
     subjects = frame["subject"].to_numpy()
-    ridge = None
-    if f"{cols[0]}_ridge" in frame:
-        ridge = frame[[f"{c}_ridge" for c in cols]].to_numpy(np.float64)
+    fitted = {}
+    for name in ("ridge", "gbm"):  # the GBM only where every fold fitted one
+        if f"{cols[0]}_{name}" in frame and frame[f"{cols[0]}_{name}"].notna().all():
+            fitted[name] = frame[[f"{c}_{name}" for c in cols]].to_numpy(np.float64)
     block = metrics.split_metrics(t, p, subjects, cols,
                                   frame[[f"{c}_base" for c in cols]].to_numpy(np.float64),
-                                  covariate_pred=ridge)
-    order = (labels.set_index("ssoid").loc[frame["ssoid"], calibration_order].to_numpy()
-             if calibration_order else frame["ssoid"].to_numpy())
+                                  covariate_pred=fitted.get("ridge"), gbm_pred=fitted.get("gbm"))
+    if "gbm" in fitted:
+        block["gbm_baseline"].update(
+            {"model": "lightgbm", "fitted_on": "train of each fold",
+             "stopped_on": "val of each fold",
+             "n_trees": {c: frame.groupby("fold")[f"{c}_gbm_trees"].first().tolist()
+                         for c in cols}})
+    order = record_order(frame, labels, calibration_order)
     calibrated = metrics.calibrated_block(t, p, subjects, order, cols)
     if calibrated is not None:
         block["calibrated"] = {"order": calibration_order or "ssoid", **calibrated}
     if fold_args is not None:
         block.update(pooled_clinical(frame, t, p, order, labels, fold_args, conformal))
     return block
+
+
+def record_order(frame: pd.DataFrame, labels: pd.DataFrame,
+                 calibration_order: Optional[str]) -> np.ndarray:
+    """The order of each subject's out-of-fold records: its --calibration_order value,
+    else its ssoid."""
+    return (labels.set_index("ssoid").loc[frame["ssoid"], calibration_order].to_numpy()
+            if calibration_order else frame["ssoid"].to_numpy())
 
 
 def pooled_clinical(frame: pd.DataFrame, t: np.ndarray, p: np.ndarray, order: np.ndarray,
@@ -251,7 +269,9 @@ def pool(args, train_argv: List[str]) -> dict:
     plot_results.plot_split(plot_dir, "out-of-fold", target_cols,
                             frame[[f"{c}_true" for c in target_cols]].to_numpy(np.float64),
                             frame[[f"{c}_pred" for c in target_cols]].to_numpy(np.float64),
-                            report["pooled"], ["png"])
+                            report["pooled"], ["png"],
+                            (frame["subject"].to_numpy(),
+                             record_order(frame, labels, fold_args.calibration_order)))
     return report
 
 
@@ -269,8 +289,9 @@ def print_summary(report: dict, out_dir: str) -> None:
                 f"{across['per_target'][c]['mae_sd']:9.2f}"
                 f"{pooled['baseline']['per_target'][c]['mae']:10.2f}")
         if cov:
-            line += train_bp.ridge_cells(cov["per_target"][c])
+            line += train_bp.fitted_cells(cov["per_target"][c])
         print(line)
+    train_bp.print_gbm_table(pooled, report["target_cols"])
     train_bp.print_clinical_table(pooled, report["target_cols"], "pooled out-of-fold")
     print(f"outputs in {out_dir}: cv_predictions.csv, cv_metrics.json, plots/, fold_<i>/")
 

@@ -70,6 +70,12 @@ def get_args_parser() -> utils.ArgumentParser:
                            "two-valued or few-valued columns become 0/1 inputs, missing "
                            "values get the train median/mode and a missing indicator; adds "
                            "a ridge-on-covariates baseline to final_metrics.json")
+    data.add_argument("--gbm_baseline", default="on", choices=("on", "off"),
+                      help="with --covariates: gradient-boosted trees (LightGBM) on the same "
+                           "covariates, fitted on the train split with the number of trees "
+                           "chosen on validation, reported beside the ridge (gbm_baseline). "
+                           "Seconds for thousands of records; off skips the fit (e.g. in "
+                           "tuning trials)")
     data.add_argument("--subject_col", default=None,
                       help="labels-CSV column that names each record's person for the "
                            "subject-wise split (e.g. uid, or subject_id from prepare's "
@@ -644,23 +650,26 @@ def history_row(epoch: int, train: dict, val: dict, val_metrics: dict, target_co
 
 
 def split_report(result: dict, part: pd.DataFrame, target_cols: Sequence[str],
-                 stats: dict, ridge, calibration_order: Optional[str]) -> dict:
+                 stats: dict, calibration_order: Optional[str]) -> dict:
     """The ``val``/``test`` block of final_metrics.json (model, train-mean baseline, CIs,
-    with covariates the ridge baseline ``ridge``, a fitted ``metrics.fit_ridge``, and with
+    with covariates the ridge and boosted-tree baselines that ``stats`` holds, and with
     subjects of two or more records the one-point ``calibrated`` block, each subject's
     first record in ``calibration_order`` (a column; ``ssoid`` when None) calibrating)."""
     part = part.set_index("ssoid").loc[result["ids"]]
-    covariate_pred = None
-    if ridge is not None:
-        covariate_pred = ridge(dataset.encode_covariates(part, stats["covariates"])[0])
+    ridge, gbm = ridge_of(stats), gbm_of(stats)
+    x = dataset.encode_covariates(part, stats["covariates"])[0] if ridge else None
     block = {"loss": result["loss"],
              **metrics.split_metrics(result["y_true"], result["y_pred"],
                                      part["subject_id"].to_numpy(), target_cols,
-                                     stats["target_mean"], covariate_pred=covariate_pred)}
+                                     stats["target_mean"],
+                                     covariate_pred=ridge(x) if ridge else None,
+                                     gbm_pred=gbm(x) if gbm else None)}
+    inputs = dataset.covariate_names(stats["covariates"])
     if ridge is not None:
         block["covariate_baseline"].update(
-            {"model": "ridge", "alpha": metrics.RIDGE_ALPHA,
-             "inputs": dataset.covariate_names(stats["covariates"])})
+            {"model": "ridge", "alpha": metrics.RIDGE_ALPHA, "inputs": inputs})
+    if gbm is not None:
+        block["gbm_baseline"].update(gbm_settings(gbm, target_cols, inputs))
     order = part[calibration_order] if calibration_order else part.index
     calibrated = metrics.calibrated_block(result["y_true"], result["y_pred"],
                                           part["subject_id"].to_numpy(), order.to_numpy(),
@@ -725,6 +734,34 @@ def covariate_ridge(rows: pd.DataFrame, target_cols: Sequence[str],
     return {"coef": ridge.coef.tolist(), "intercept": ridge.intercept.tolist()}
 
 
+def covariate_gbm(rows: pd.DataFrame, target_cols: Sequence[str], covariates: Sequence[dict],
+                  seed: int, threads: int) -> Optional[dict]:
+    """Boosted trees of the targets on the encoded covariates, fitted on the train split,
+    stopped on the validation split (the test labels never reach it), as plain data for the
+    checkpoint; None without covariates."""
+    if not covariates:
+        return None
+    x, y = {}, {}
+    for split in ("train", "val"):
+        part = rows[rows["split"] == split]
+        x[split] = dataset.encode_covariates(part, covariates)[0]
+        y[split] = part[list(target_cols)].to_numpy(np.float64)
+    return metrics.fit_gbm(x["train"], y["train"], x["val"], y["val"], seed, threads)._asdict()
+
+
+def gbm_of(stats: dict) -> Optional[metrics.GBM]:
+    """The ``covariate_gbm`` that ``stats`` (or a checkpoint) holds, ready to predict."""
+    gbm = stats.get("gbm")
+    return None if gbm is None else metrics.GBM(**gbm)
+
+
+def gbm_settings(gbm: metrics.GBM, target_cols: Sequence[str], inputs: List[str]) -> dict:
+    """What a ``gbm_baseline`` block says of its model: the trees kept per target."""
+    return {"model": "lightgbm", "n_trees": dict(zip(target_cols, gbm.n_trees)),
+            "params": {k: v for k, v in metrics.GBM_PARAMS.items() if k != "verbosity"},
+            "stopped_on": "val", "inputs": inputs}
+
+
 def ridge_of(stats: dict) -> Optional[metrics.Ridge]:
     """The ``covariate_ridge`` that ``stats`` (or a checkpoint) holds, ready to predict."""
     ridge = stats.get("ridge")
@@ -740,12 +777,26 @@ def epoch_line(epoch: int, epochs: int, row: dict, target_cols, best: bool) -> s
             + ("  *best*" if best else ""))
 
 
-def ridge_cells(ridge: dict) -> str:
-    """A table's ridge columns for one target of a ``covariate_baseline`` block: its MAE
-    and the model-minus-ridge MAE with its 95 % interval."""
-    lo, hi = ridge["model_mae_diff_ci95"]
-    return (table_cells([ridge["mae"]], 11, ".2f") + table_cells([ridge["model_mae_diff"]], 12, "+.2f")
-            + f" [{lo:+.2f}, {hi:+.2f}]")
+def fitted_cells(fitted: dict) -> str:
+    """A table's columns for one target of a fitted baseline's block (``covariate_baseline``,
+    ``gbm_baseline``): its MAE and the model-minus-baseline MAE with its 95 % interval."""
+    lo, hi = fitted["model_mae_diff_ci95"]
+    return (table_cells([fitted["mae"]], 11, ".2f")
+            + table_cells([fitted["model_mae_diff"]], 12, "+.2f") + f" [{lo:+.2f}, {hi:+.2f}]")
+
+
+def print_gbm_table(block: dict, target_cols: Sequence[str]) -> None:
+    """Beside the ridge: the boosted trees on the same covariates, per target their MAE,
+    the model-minus-GBM MAE with its 95 % interval and the trees kept (per fold, pooled)."""
+    gbm = block.get("gbm_baseline")
+    if not gbm:
+        return
+    print("gradient-boosted trees (LightGBM) on the same covariates, stopped on validation:")
+    name = max(16, 2 + max(len(c) for c in target_cols))
+    print(f"{'target':<{name}}{'GBM-MAE':>11}{'MAE - GBM [95% CI]':>28}  trees")
+    for c in target_cols:
+        trees = "/".join(str(n) for n in np.atleast_1d(gbm["n_trees"][c]))
+        print(f"{c:<{name}}" + fitted_cells(gbm["per_target"][c]) + f"  {trees}")
 
 
 def print_test_table(block: dict, target_cols: Sequence[str]) -> None:
@@ -762,7 +813,7 @@ def print_test_table(block: dict, target_cols: Sequence[str]) -> None:
         line = (f"{c:<{name}}" + table_cells([m["mae"], m["rmse"], m["me"], m["sd"]], 8, ".2f")
                 + table_cells([m["pearson"], m["r2"]], 8, ".3f") + table_cells([b["mae"]], 10, ".2f"))
         if cov:
-            line += ridge_cells(cov["per_target"][c])
+            line += fitted_cells(cov["per_target"][c])
         print(line)
     m, b = block["mean"], block["baseline"]["mean"]
     print(f"{'mean':<{name}}" + table_cells([m["mae"], m["rmse"]], 8, ".2f") + " " * 16
@@ -852,6 +903,9 @@ def load_data(args):
     stats["covariates"] = dataset.fit_covariates(train, args.covariates,
                                                  f"labels CSV {args.labels_csv}")
     stats["ridge"] = covariate_ridge(rows, args.target_cols, stats["covariates"])
+    stats["gbm"] = (covariate_gbm(rows, args.target_cols, stats["covariates"], args.seed,
+                                  torch.get_num_threads())
+                    if args.gbm_baseline == "on" else None)
     # not statistics, but like them saved in every checkpoint: what one sample means and
     # how the records are filtered before z-scoring
     stats["sample_rate_hz"] = utils.npz_sample_rate(args.npz_dir)
@@ -1049,10 +1103,9 @@ def final_report(args, model, eval_model, loaders, loss_fn, device,
                                  args.target_cols, result["intervals"])
     # predict_bp.py applies what the run reported: bp_best.pth carries both calibrations
     utils.save_checkpoint(os.path.join(args.out_dir, "bp_best.pth"), {**ckpt, **outputs})
-    ridge = ridge_of(stats)
     for split, result in results.items():
         part = rows[rows["split"] == split]
-        report[split] = split_report(result, part, args.target_cols, stats, ridge,
+        report[split] = split_report(result, part, args.target_cols, stats,
                                      args.calibration_order)
         report[split].update(clinical_report(args, result, part, outputs))
     utils.write_json_atomic(os.path.join(args.out_dir, "final_metrics.json"), report)
@@ -1176,6 +1229,7 @@ def train(args, dist: utils.DistInfo, device: torch.device,
         return
     plot_results.plot_run(args.out_dir)
     print_test_table(report["test"], args.target_cols)
+    print_gbm_table(report["test"], args.target_cols)
     print_clinical_table(report["test"], args.target_cols)
     if report["test"].get("calibrated", {}).get("informative") is False:
         print(f"note: test 'calibrated' block: {report['test']['calibrated']['note']}")
