@@ -10,7 +10,11 @@ the run folder and writes into ``<out_dir>/plots/``:
 - ``<split>_bland_altman.png``: mean of true and predicted vs their difference per target,
   with the mean error (ME) and the limits of agreement ME +/- 1.96 SD;
 - ``<split>_by_band.png``: MAE per clinical band of the true value with each band's N, and
-  the prediction interval's coverage per band.
+  the prediction interval's coverage per band;
+- ``<split>_changes.png``: the four-quadrant plot of tracking, predicted vs true change of
+  each later record from its subject's first (split.csv's subjects; the order of
+  --calibration_order from args.json, else the ssoid), the exclusion zone shaded and the
+  concordance rate in each title; not drawn (one printed line) where tracking was skipped.
 
 Titles carry the metrics of final_metrics.json; any it lacks (a run from an older
 version) are computed from the predictions by metrics.py. Titles break into lines that fit
@@ -52,11 +56,11 @@ HISTORY_COLUMNS = ("epoch", "train_loss", "val_loss", "val_mae_mean")
 
 
 # ============================================================================= reading
-def read_csv(path: str) -> pd.DataFrame:
+def read_csv(path: str, dtype: Optional[dict] = None) -> pd.DataFrame:
     if not os.path.isfile(path):
         raise UserError(f"{path}: no such file")
     try:
-        frame = pd.read_csv(path)
+        frame = pd.read_csv(path, dtype=dtype)
     except (OSError, UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
         raise UserError(f"{path}: not a readable CSV ({type(exc).__name__})") from None
     if frame.empty:
@@ -92,10 +96,10 @@ def targets_of(columns: Sequence[str]) -> List[str]:
 
 
 def read_predictions(out_dir: str, split: str, target_cols: Optional[Sequence[str]]
-                     ) -> Tuple[List[str], np.ndarray, np.ndarray]:
-    """Target names, truths (N, T) and predictions (N, T) of one split's CSV."""
+                     ) -> Tuple[List[str], np.ndarray, np.ndarray, np.ndarray]:
+    """Target names, truths (N, T), predictions (N, T) and ssoids (N,) of one split's CSV."""
     path = os.path.join(out_dir, f"{split}_predictions.csv")
-    frame = read_csv(path)
+    frame = read_csv(path, dtype={"ssoid": str})
     targets = list(target_cols) if target_cols else targets_of(list(frame.columns))
     expected = ["ssoid"] + [f"{t}_{kind}" for t in targets for kind in ("true", "pred")]
     intervals = [f"{t}_{kind}" for t in targets for kind in ("lo", "hi")]  # train_bp --interval
@@ -105,7 +109,27 @@ def read_predictions(out_dir: str, split: str, target_cols: Optional[Sequence[st
                         f"got {', '.join(map(str, frame.columns))}")
     y_true = numeric(frame, [f"{t}_true" for t in targets], path)
     y_pred = numeric(frame, [f"{t}_pred" for t in targets], path)
-    return targets, y_true, y_pred
+    return targets, y_true, y_pred, frame["ssoid"].to_numpy()
+
+
+def record_order(out_dir: str, ids: np.ndarray) -> Tuple[Optional[tuple], str]:
+    """((subjects, order) of the records ``ids``, as train_bp.py's tracking block took
+    them, or None) and why None: the subjects from split.csv, the order from the labels
+    CSV's --calibration_order column named in args.json, else the ssoid."""
+    split_csv = os.path.join(out_dir, "split.csv")
+    if not os.path.isfile(split_csv):
+        return None, f"{split_csv}: no such file"
+    subjects = read_csv(split_csv, dtype=str).set_index("ssoid").loc[ids, "subject_id"]
+    settings = utils.read_json(os.path.join(out_dir, "args.json"), "the run's args.json")
+    column, labels_csv = settings.get("calibration_order"), settings.get("labels_csv")
+    if not column:
+        return (subjects.to_numpy(), ids), ""
+    if not (labels_csv and os.path.isfile(labels_csv)):
+        return None, f"labels CSV {labels_csv} (its --calibration_order {column}) not found"
+    values = read_csv(labels_csv, dtype={"ssoid": str}).drop_duplicates("ssoid")\
+        .set_index("ssoid").loc[ids, column]
+    order = values if pd.api.types.is_numeric_dtype(values) else values.astype(str)
+    return (subjects.to_numpy(), order.to_numpy()), ""
 
 
 def read_history(out_dir: str) -> pd.DataFrame:
@@ -215,7 +239,7 @@ def point_style(n: int) -> dict:
 
 def figure_legend(fig: Figure, handles: list) -> None:
     """One legend below all panels, in as many columns as fit the figure's width; its
-    point marker opaque however faint the points are."""
+    point markers opaque however faint the points are."""
     renderer = fig.canvas.get_renderer()
     for ncols in range(len(handles), 0, -1):
         legend = fig.legend(handles=handles, loc="outside lower center", ncols=ncols)
@@ -225,8 +249,10 @@ def figure_legend(fig: Figure, handles: list) -> None:
         legend.remove()
     rows = math.ceil(len(handles) / ncols)
     taller(fig, box.height / fig.dpi * (rows - 1) / rows)
-    legend.legend_handles[0].set_alpha(1.0)
-    legend.legend_handles[0].set_sizes([20])
+    for handle in legend.legend_handles:
+        if hasattr(handle, "set_sizes"):  # the points' markers, not lines or areas
+            handle.set_alpha(1.0)
+            handle.set_sizes([20])
 
 
 def scatter_figure(targets, y_true, y_pred, summaries, title) -> Figure:
@@ -294,7 +320,51 @@ def by_band_figure(targets, block: dict, title: str) -> Figure:
             twin.axhline(intervals["level"], color="tab:red", ls="--", lw=1)
             twin.set(ylim=(0, 1.05), ylabel=f"coverage of the {intervals['level']:.0%} interval")
         ax.grid(alpha=0.3, axis="y")
-    fig.suptitle(title)
+    figure_title(fig, title)
+    return fig
+
+
+def change_title(target: str, entry: dict, zone: float) -> str:
+    if "skipped" in entry:
+        return f"{target}\n{entry['skipped']}"
+    share = entry["concordance"]
+    agree = ("no true change outside the zone" if share is None else
+             f"{100 * share:.0f} % of {entry['n_concordance']} changes of \u2265 {zone:g} mmHg")
+    change = entry["change"]
+    return (f"{target}\nconcordance: {agree}\n"
+            f"r of changes {change['pearson']:.3f}   change MAE {change['mae']:.2f} mmHg")
+
+
+def changes_figure(targets, d_true: np.ndarray, d_pred: np.ndarray, tracking: dict,
+                   title: str) -> Figure:
+    """Predicted vs true change of each later record from its subject's first: a point
+    concordant when the two changes share their sign, the exclusion zone (true changes
+    smaller than ``tracking["exclusion_mmhg"]``, not counted) shaded, and the reported
+    concordance rate in each panel's title."""
+    fig, axes = new_figure(len(targets), TARGET_PANEL_HEIGHT)
+    zone = tracking["exclusion_mmhg"]
+    for k, (ax, target) in enumerate(zip(axes, targets)):
+        dt, dp = d_true[:, k], d_pred[:, k]
+        big, agree = metrics.concordant(dt, dp)
+        style = point_style(len(dt))
+        points = [ax.scatter(dt[mask], dp[mask], label=label, **{**style, "color": color})
+                  for mask, label, color in ((agree, "concordant", "tab:green"),
+                                             (big & ~agree, "discordant", "tab:red"),
+                                             (~big, "in the exclusion zone", "grey"))]
+        lim = 1.08 * max(float(np.abs(np.r_[dt, dp]).max()), 2 * zone)
+        area = ax.axvspan(-zone, zone, color="grey", alpha=0.15, lw=0,
+                          label=f"exclusion zone: |true change| < {zone:g} mmHg")
+        ax.axhline(0.0, color="black", lw=0.8)
+        ax.axvline(0.0, color="black", lw=0.8)
+        identity, = ax.plot((-lim, lim), (-lim, lim), color="black", lw=1, ls="--",
+                            label="identity (predicted = true change)")
+        ax.set(xlim=(-lim, lim), ylim=(-lim, lim), xlabel="true change (mmHg)",
+               ylabel="predicted change (mmHg)")
+        panel_title(ax, change_title(target, tracking["per_target"][target], zone))
+        ax.set_aspect("equal", adjustable="box")
+        ax.grid(alpha=0.3)
+    figure_legend(fig, [*points, area, identity])
+    figure_title(fig, title)
     return fig
 
 
@@ -384,23 +454,28 @@ def plot_run(out_dir: str, formats: Sequence[str] = ("png",)) -> List[str]:
     history = read_history(out_dir)
     targets, splits = report.get("target_cols"), {}
     for split in SPLITS:
-        targets, y_true, y_pred = read_predictions(out_dir, split, targets)
-        splits[split] = (y_true, y_pred)
+        targets, y_true, y_pred, ids = read_predictions(out_dir, split, targets)
+        splits[split] = (y_true, y_pred, ids)
     plot_dir = os.path.join(out_dir, "plots")
     os.makedirs(plot_dir, exist_ok=True)
     paths = save(learning_curves_figure(history, targets, report.get("best_epoch"),
                                         run_title(out_dir, report, len(history))),
                  plot_dir, "learning_curves", formats)
-    for split, (y_true, y_pred) in splits.items():
-        paths += plot_split(plot_dir, split, targets, y_true, y_pred, report.get(split, {}),
-                            formats)
+    for split, (y_true, y_pred, ids) in splits.items():
+        block = report.get(split, {})
+        records, why = record_order(out_dir, ids) if "tracking" in block else (None, "")
+        paths += plot_split(plot_dir, split, targets, y_true, y_pred, block, formats,
+                            records, why)
     return paths
 
 
 def plot_split(plot_dir: str, split: str, targets: Sequence[str], y_true: np.ndarray,
-               y_pred: np.ndarray, block: dict, formats: Sequence[str]) -> List[str]:
-    """``<split>_scatter`` and ``<split>_bland_altman`` of one split's predictions, titled
-    with its reported ``block`` of metrics; returns the paths."""
+               y_pred: np.ndarray, block: dict, formats: Sequence[str],
+               records: Optional[tuple] = None, why: str = "") -> List[str]:
+    """``<split>_scatter``, ``<split>_bland_altman`` and (with the cuffless-BP blocks)
+    ``<split>_by_band`` of one split's predictions, titled with its reported ``block`` of
+    metrics, and with ``records`` = (subjects, order) of the rows ``<split>_changes``
+    (``why`` says why a block with tracking has no ``records``); returns the paths."""
     summaries = {t: target_summary(block, t, y_true[:, k], y_pred[:, k])
                  for k, t in enumerate(targets)}
     title = split_title(split, block, len(y_true))
@@ -411,7 +486,18 @@ def plot_split(plot_dir: str, split: str, targets: Sequence[str], y_true: np.nda
     if "by_range" in block:  # runs from before the cuffless-BP blocks have none
         paths += save(by_band_figure(targets, block, title), plot_dir, f"{split}_by_band",
                       formats)
-    return paths
+    tracking = block.get("tracking")
+    if tracking is None:
+        return paths
+    skipped = tracking.get("skipped") or (None if records else why)
+    if skipped:
+        print(f"{split}_changes not drawn: {skipped}")
+        return paths
+    _, d_true, d_pred = metrics.subject_changes(y_true, y_pred, *records)
+    title += (f"{TITLE_SEP}{tracking['n_changes']} changes from the first record of "
+              f"{tracking['n_subjects']} subjects")
+    return paths + save(changes_figure(targets, d_true, d_pred, tracking, title), plot_dir,
+                        f"{split}_changes", formats)
 
 
 # ============================================================================= CLI

@@ -16,14 +16,18 @@ TARGETS = ["right_arm_sbp", "right_arm_dbp", "left_arm_mbp"]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
-def write_run(out_dir, n=60, epochs=4, targets=TARGETS, clinical=True):
-    """A fake out_dir with the CONTRACT files, errors drawn around known truths."""
+def write_run(out_dir, n=60, epochs=4, targets=TARGETS, clinical=True, cuffless=False,
+              per_subject=3):
+    """A fake out_dir with the CONTRACT files, errors drawn around known truths; with
+    ``cuffless`` also the cuffless-BP blocks (tracking in ssoid order, as train_bp.py)
+    and split.csv."""
     rng = np.random.default_rng(0)
     os.makedirs(out_dir, exist_ok=True)
     train_mean = np.linspace(80.0, 130.0, len(targets))
     report = {"target_cols": list(targets), "best_epoch": 2}
+    splits = []
     for split in ("val", "test"):
-        subjects = np.array([f"S{i // 3}" for i in range(n)])
+        subjects = np.array([f"S{split}{i // per_subject}" for i in range(n)])
         t = train_mean + rng.normal(0, 12, (n, len(targets)))
         p = t + rng.normal(1, 6, (n, len(targets)))
         cols = {"ssoid": [f"{s}_{i}" for i, s in enumerate(subjects)]}
@@ -31,6 +35,12 @@ def write_run(out_dir, n=60, epochs=4, targets=TARGETS, clinical=True):
             cols[f"{c}_true"], cols[f"{c}_pred"] = t[:, k], p[:, k]
         pd.DataFrame(cols).to_csv(os.path.join(out_dir, f"{split}_predictions.csv"), index=False)
         block = metrics.split_metrics(t, p, subjects, targets, train_mean, n_boot=200)
+        if cuffless:
+            block.update(metrics.clinical_blocks(t, p, subjects, targets,
+                                                 metrics.target_band_sets(targets),
+                                                 order=np.array(cols["ssoid"])))
+            splits.append(pd.DataFrame({"ssoid": cols["ssoid"], "subject_id": subjects,
+                                        "split": split}))
         if not clinical:
             block = {"per_target": {c: {k: block["per_target"][c][k] for k in metrics.METRIC_KEYS}
                                     for c in targets}}
@@ -43,6 +53,8 @@ def write_run(out_dir, n=60, epochs=4, targets=TARGETS, clinical=True):
     pd.DataFrame(history).to_csv(os.path.join(out_dir, "history.csv"), index=False)
     with open(os.path.join(out_dir, "final_metrics.json"), "w") as fh:
         json.dump(report, fh)
+    if splits:
+        pd.concat(splits).to_csv(os.path.join(out_dir, "split.csv"), index=False)
     return report
 
 
@@ -151,3 +163,84 @@ def test_bad_inputs_are_one_line_errors_and_write_nothing(tmp_path, capsys, brea
 def test_missing_out_dir_is_a_one_line_error(tmp_path, capsys):
     assert utils.run_cli(plot_results.main, [str(tmp_path / "nope")]) == 2
     assert capsys.readouterr().err == f"error: {tmp_path / 'nope'}: no such directory\n"
+
+
+# ----------------------------------------------------------------------------- cuffless-BP plots
+def drawn_figures(monkeypatch, out):
+    """plot_run's figures by name, each drawn as for its PNG (not encoded), and what was
+    drawn: (figure name, text, its box, the figure's box) of every visible text (titles,
+    axis and tick labels, legend entries) and legend box, recorded as it is drawn (a tick
+    label outside the axis range is not drawn)."""
+    import matplotlib.legend
+    import matplotlib.text
+
+    figures, drawn, name = {}, [], [None]
+
+    def recording(cls):
+        draw = cls.draw
+
+        def record(self, renderer):
+            draw(self, renderer)
+            if self.get_visible() and (cls is not matplotlib.text.Text or self.get_text()):
+                drawn.append((name[0], getattr(self, "get_text", str)(),
+                              self.get_window_extent(renderer), self.figure.bbox.frozen()))
+        monkeypatch.setattr(cls, "draw", record)
+
+    def keep(fig, plot_dir, figure_name, formats):
+        name[0] = figure_name
+        fig.canvas.draw()
+        figures[figure_name] = fig
+        return [os.path.join(plot_dir, f"{figure_name}.png")]
+    recording(matplotlib.text.Text)
+    recording(matplotlib.legend.Legend)
+    monkeypatch.setattr(plot_results, "save", keep)
+    plot_results.plot_run(out)
+    return figures, drawn
+
+
+def test_change_plot_draws_each_change_and_titles_the_reported_concordance(tmp_path,
+                                                                          monkeypatch):
+    out = str(tmp_path / "run")
+    report = write_run(out, targets=["sbp", "dbp"], cuffless=True)
+    tracking = report["test"]["tracking"]
+    assert tracking["n_changes"] == 40  # 20 subjects of 3 records: 2 changes each
+    fig = drawn_figures(monkeypatch, out)[0]["test_changes"]
+    for ax, target in zip(fig.axes, ["sbp", "dbp"]):
+        entry = tracking["per_target"][target]
+        agree, disagree, excluded = (len(c.get_offsets()) for c in ax.collections[:3])
+        assert agree + disagree + excluded == 40
+        assert agree + disagree == entry["n_concordance"]
+        assert agree / (agree + disagree) == pytest.approx(entry["concordance"])
+        assert f"concordance: {100 * entry['concordance']:.0f} % of {agree + disagree} " \
+               f"changes of \u2265 5 mmHg" in ax.get_title()
+    assert "40 changes from the first record of 20 subjects" in \
+        fig.get_suptitle().replace("\n", " ")
+
+
+def test_no_change_plot_and_one_line_where_tracking_is_skipped(tmp_path, capsys):
+    out = str(tmp_path / "run")
+    write_run(out, n=12, targets=["sbp"], cuffless=True, per_subject=1)
+    paths = plot_results.plot_run(out)
+    assert [os.path.basename(p) for p in paths if "changes" in p or "by_band" in p] == \
+        ["val_by_band.png", "test_by_band.png"]
+    assert not any("changes" in name for name in os.listdir(os.path.join(out, "plots")))
+    assert capsys.readouterr().out.splitlines() == [
+        "val_changes not drawn: no subject has two or more records",
+        "test_changes not drawn: no subject has two or more records"]
+
+
+@pytest.mark.parametrize("n_targets", [1, 2, 5])
+def test_every_text_of_the_cuffless_plots_lies_inside_its_figure(tmp_path, monkeypatch,
+                                                                 n_targets):
+    """The by-band and change plots (tests/test_trust_cli.py checks the others alike)."""
+    names = ["right_arm_sbp", "right_arm_dbp", "left_arm_mbp", "left_arm_pp",
+             "left_arm_sbp"][:n_targets]
+    write_run(str(tmp_path), targets=names, cuffless=True)
+    figures, drawn = drawn_figures(monkeypatch, str(tmp_path))
+    cuffless = {f"{s}_{k}" for s in ("val", "test") for k in ("by_band", "changes")}
+    assert cuffless <= set(figures)
+    assert {name for name, *_ in drawn} >= cuffless
+    outside = [(name, text, [round(v) for v in box.extents])
+               for name, text, box, fig in drawn if name in cuffless
+               and (box.x0 < -1 or box.y0 < -1 or box.x1 > fig.x1 + 1 or box.y1 > fig.y1 + 1)]
+    assert outside == []
