@@ -57,6 +57,9 @@ Pre-trained files (``load_pretrained``)
     ``num_batches_tracked`` excepted), receive an unexpected one or a shape that does not
     fit raises ``UserError`` before anything is loaded: never train as if pre-trained.
     A project file's ``y_lo``/``y_hi`` are not loaded: the bounds belong to the new run.
+    A file that records ``encoder_settings`` (pretrain_ssl.py's ssl_encoders.pth, joint
+    layout) must have been trained with this model's arch and encoders (late and mid fusion
+    share theirs); otherwise a ``UserError`` names both settings.
 """
 from __future__ import annotations
 

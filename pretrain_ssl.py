@@ -104,7 +104,8 @@ def get_args_parser() -> utils.ArgumentParser:
     data.add_argument("--val_ratio", type=float, default=0.1,
                       help="share of subjects held out of pre-training, to score the pretext "
                            "tasks (and the monitor) on people the encoders never saw; 0: none")
-    data.add_argument("--seed", type=int, default=666, help="seed of the split, init, batches and views")
+    data.add_argument("--seed", type=int, default=666,
+                      help="seed of the split, init, batches and views")
     data.add_argument("--no_zscore", action="store_true",
                       help="feed raw signals instead of per-record, per-channel z-scored ones")
     data.add_argument("--filter", default="auto", choices=("auto",) + dataset.FILTERS,
@@ -130,8 +131,8 @@ def get_args_parser() -> utils.ArgumentParser:
                        help="with --modality both: early = one two-channel encoder; late or "
                             "mid = an ECG and a PPG encoder (the same pair for both)")
     model.add_argument("--pretrain", default=None,
-                      help="start from 1_lead_ECGFounder.pth, a bp_best.pth or an "
-                           "ssl_encoders.pth (continued, domain-adaptive pre-training)")
+                       help="start from 1_lead_ECGFounder.pth, a bp_best.pth or an "
+                            "ssl_encoders.pth (continued, domain-adaptive pre-training)")
     model.add_argument("--trust_checkpoint", action="store_true",
                        help="allow full unpickling of --pretrain (only for a file you trust)")
     ssl = p.add_argument_group("objectives")
@@ -151,7 +152,8 @@ def get_args_parser() -> utils.ArgumentParser:
     ssl.add_argument("--no_subject_positives", action="store_true",
                      help="contrastive positives are the two views of a record only")
     optim = p.add_argument_group("optimisation")
-    optim.add_argument("--epochs", type=int, default=50, help="passes over the pre-training records")
+    optim.add_argument("--epochs", type=int, default=50,
+                       help="passes over the pre-training records")
     optim.add_argument("--batch_size", type=int, default=128,
                        help="records per step in each process; negatives come from all processes")
     optim.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate")
@@ -174,7 +176,8 @@ def get_args_parser() -> utils.ArgumentParser:
     return p
 
 
-def parse_objectives(items: Optional[Sequence[str]], modality: str, fusion: str) -> Dict[str, float]:
+def parse_objectives(items: Optional[Sequence[str]], modality: str,
+                     fusion: str) -> Dict[str, float]:
     """{objective: weight} from ``NAME[=WEIGHT]`` items; the default is every objective
     the model allows. ``UserError`` for an unknown name, a bad weight or an objective the
     model cannot do."""
@@ -843,6 +846,7 @@ def plot_history(history: pd.DataFrame, path: str, objectives: Sequence[str]) ->
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     monitor = "monitor_ridge_mae" in history.columns
     fig, axes = plt.subplots(1, 3 if monitor else 2, figsize=(13 if monitor else 9, 3.6))
@@ -851,16 +855,21 @@ def plot_history(history: pd.DataFrame, path: str, objectives: Sequence[str]) ->
         color = f"C{k}"
         for ax, what in zip(axes, ("loss", "acc")):
             ax.plot(trained["epoch"], trained[f"{what}_{obj}"], color=color, label=obj)
-            if f"heldout_{what}_{obj}" in history.columns:
-                ax.plot(history["epoch"], history[f"heldout_{what}_{obj}"], "--", color=color,
+            column = f"heldout_{what}_{obj}"
+            if column in history.columns:  # every --monitor_every epochs
+                held = history[["epoch", column]].dropna()
+                ax.plot(held["epoch"], held[column], "--o", markersize=3, color=color,
                         label=f"{obj}, held out")
-    axes[0].set(title="loss", xlabel="epoch")
+    axes[0].set(title="loss (held out: over the whole held-out set)", xlabel="epoch")
     axes[1].set(title="pretext accuracy", xlabel="epoch", ylim=(0, 1.02))
-    axes[1].legend(fontsize=7, loc="lower right")
+    axes[1].legend(fontsize=7, loc="best")
+    for ax in axes:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     if monitor:
-        axes[2].plot(history["epoch"], history["monitor_ridge_mae"], "o-",
+        rows = history[["epoch", "monitor_ridge_mae", "monitor_mean_mae"]].dropna()
+        axes[2].plot(rows["epoch"], rows["monitor_ridge_mae"], "o-",
                      label="ridge on frozen embeddings")
-        axes[2].plot(history["epoch"], history["monitor_mean_mae"], ":", color="gray",
+        axes[2].plot(rows["epoch"], rows["monitor_mean_mae"], ":", color="gray",
                      label="train mean")
         axes[2].set(title="monitor: held-out MAE (mmHg)", xlabel="epoch")
         axes[2].legend(fontsize=7)
