@@ -427,7 +427,7 @@ def assign_split(args, rows: pd.DataFrame, rule: str) -> Tuple[pd.DataFrame, dic
     if few:
         print(f"warning: few subjects in a split ({', '.join(few)}; fewer than "
               f"{MIN_SPLIT_SUBJECTS}): its metrics rest on so few people that they mean little, "
-              f"and a val split that small chooses the best epoch by chance; use more subjects "
+              f"and a val split that small picks the kept epoch by chance; use more subjects "
               f"or larger --val_ratio/--test_ratio")
     audit = split_audit(rows["ssoid"], rows["subject_id"], rows["split"], rule,
                         rows[DIGEST_COLUMN] if DIGEST_COLUMN in rows.columns else None)
@@ -1237,7 +1237,7 @@ def train(args, dist: utils.DistInfo, device: torch.device,
           f"{report['val']['mean']['mae']:.2f}); outputs in {args.out_dir}: bp_best.pth, "
           f"final_metrics.json, val_predictions.csv, test_predictions.csv, history.csv, split.csv")
     if report["best_epoch"] == 0:
-        print(f"note: the best epoch is 0, {best['start']}, before training: on the "
+        print(f"note: epoch 0, {best['start']}, before training, stayed ahead: on the "
               f"validation split no training epoch beat it, so the model reported is that "
               f"starting model")
 

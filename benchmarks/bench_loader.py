@@ -32,6 +32,7 @@ import dataset  # noqa: E402
 import make_synthetic_cohort  # noqa: E402
 import prepare_kailuan_npz as prep  # noqa: E402
 import train_bp  # noqa: E402
+import utils  # noqa: E402
 from utils import ArgumentParser, DistInfo, run_cli  # noqa: E402
 
 TARGETS = ["right_arm_sbp", "right_arm_dbp"]
@@ -62,7 +63,8 @@ def synthetic_cohort(args, scratch: str) -> None:
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         prep.main(["--h5_path", h5, "--target_cols", *args.target_cols,
                    "--output_npz", args.npz_dir, "--output_csv", args.labels_csv,
-                   "--target_seq_len", str(args.seq_len), "--workers", "2"])
+                   "--target_seq_len", str(args.seq_len), "--workers", "2",
+                   "--record_seconds", "15"])  # make_cohort's default duration_s
 
 
 def train_args(args, num_workers: int, cache_dir: Optional[str]):
@@ -108,7 +110,7 @@ def measure(args, scratch: str) -> Dict[str, float]:
     table = pd.read_csv(args.labels_csv, dtype={"ssoid": str})
     table = table[table[args.target_cols].notna().all(axis=1)].reset_index(drop=True)
     stats = {**train_bp.target_stats(table, args.target_cols, 0.0), "covariates": [],
-             "conditioning": None}
+             "conditioning": None, "sample_rate_hz": utils.npz_sample_rate(args.npz_dir)}
     paths = [dataset.npz_path(args.npz_dir, s) for s in table["ssoid"]]
     bare_rate(paths, 1)  # the files into the page cache, as for every loader below
     rates = {"bare np.load loop": bare_rate(paths, args.passes)}

@@ -154,7 +154,9 @@ def test_the_cache_reads_the_ppg_column_alone(cohorts, ppg_run, tmp_path):
                              "--covariates", *COVARIATES, "--cache_dir", str(tmp_path / "c")))
     cached = pd.read_csv(out / "test_predictions.csv")
     plain = pd.read_csv(ppg_run / "test_predictions.csv")
-    assert np.isfinite(cached.drop(columns="ssoid").to_numpy()).all()
+    # the truths and predictions; the interval columns may be empty (too few val subjects)
+    assert np.isfinite(cached[[f"{t}_{k}" for t in TARGETS for k in ("true", "pred")]]
+                       .to_numpy()).all()
     np.testing.assert_allclose(cached.drop(columns="ssoid").to_numpy(),
                                plain.drop(columns="ssoid").to_numpy(), rtol=0, atol=MMHG_ATOL)
 
@@ -218,4 +220,5 @@ def test_crossval_runs_on_a_ppg_only_cohort(cohorts, tmp_path):
     assert np.isfinite([pooled["covariate_baseline"]["per_target"][t]["mae"]
                         for t in TARGETS]).all()
     pred = pd.read_csv(out / "cv_predictions.csv")
-    assert sorted(pred["fold"].unique()) == [0, 1] and pred.notna().all().all()
+    contract = ["ssoid", "fold", *(f"{t}_{k}" for t in TARGETS for k in ("true", "pred"))]
+    assert sorted(pred["fold"].unique()) == [0, 1] and pred[contract].notna().all().all()

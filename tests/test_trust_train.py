@@ -166,7 +166,7 @@ def test_a_report_step_that_fails_after_training_keeps_both_prediction_files(
         train_bp.main(argv_of(cohort, tmp_path / "run"))
     for split in ("val", "test"):
         frame = predictions(tmp_path / "run", split)
-        assert list(frame.columns) == [f"{c}_{k}" for c in TARGETS for k in ("true", "pred")]
+        assert list(frame.columns)[:4] == [f"{c}_{k}" for c in TARGETS for k in ("true", "pred")]
         assert len(frame) > 0
 
 
