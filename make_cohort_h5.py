@@ -71,7 +71,7 @@ import pandas as pd
 
 import physio
 from prepare_kailuan_npz import signal_problem
-from utils import ArgumentParser, UserError, atomic_path, progress, run_cli
+from utils import ArgumentParser, UserError, atomic_path, check_output_file, progress, run_cli
 
 CONVERTER = "make_cohort_h5.py"
 TEXT = "text"  # the kind of a text metadata field (others are numpy dtype names)
@@ -844,11 +844,7 @@ def get_args_parser() -> ArgumentParser:
 def check_out(args) -> None:
     if not args.out:
         raise UserError("--out is required (except with --describe)")
-    parent = os.path.dirname(os.path.abspath(args.out))
-    if not os.path.isdir(parent):
-        raise UserError(f"--out {args.out}: folder {parent} does not exist")
-    if os.path.exists(args.out) and not args.overwrite:
-        raise UserError(f"--out {args.out} already exists; add --overwrite to replace it")
+    check_output_file("--out", args.out, args.overwrite)
     if getattr(args, "chunk", 1) < 1:
         raise UserError(f"--chunk must be >= 1, got {args.chunk}")
 

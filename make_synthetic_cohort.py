@@ -57,7 +57,7 @@ from typing import Dict, List, Optional, Sequence
 import h5py
 import numpy as np
 
-from utils import ArgumentParser, UserError, atomic_path, run_cli
+from utils import ArgumentParser, UserError, atomic_path, check_output_file, run_cli
 
 ECG_LEN, PPG_LEN = 3630, 4230
 LEN_UNIT = 30  # ECG_LEN = 121 * 30, PPG_LEN = 141 * 30: vlen rows keep both spans equal
@@ -445,11 +445,7 @@ def get_args_parser() -> ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
     args = get_args_parser().parse_args(argv)
-    parent = os.path.dirname(os.path.abspath(args.out))
-    if not os.path.isdir(parent):
-        raise UserError(f"--out {args.out}: folder {parent} does not exist")
-    if os.path.exists(args.out) and not args.overwrite:
-        raise UserError(f"--out {args.out} already exists; add --overwrite to replace it")
+    check_output_file("--out", args.out, args.overwrite)
     info = make_cohort(args.out, args.n_subjects, args.records_per_subject, args.seed,
                        args.id_type, args.vlen, args.dtype, args.duration_s, args.n_nan,
                        args.n_inf, args.n_flat, args.n_duplicate, args.n_missing_labels,

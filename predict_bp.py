@@ -112,11 +112,7 @@ def check_args(args) -> None:
         raise UserError("give exactly one of --npz_dir and --h5_path")
     if args.batch_size < 1:
         raise UserError("--batch_size must be at least 1")
-    folder = os.path.dirname(os.path.abspath(args.output))
-    if not os.path.isdir(folder):
-        raise UserError(f"--output {args.output}: folder {folder} does not exist")
-    if os.path.exists(args.output) and not args.overwrite:
-        raise UserError(f"--output {args.output} already exists; add --overwrite to replace it")
+    utils.check_output_file("--output", args.output, args.overwrite)
 
 
 def load_model(args) -> Tuple[backbones.BPModel, dict]:

@@ -79,6 +79,16 @@ def run_cli(main: Callable[[Optional[Sequence[str]]], None],
     return 0
 
 
+def check_output_file(flag: str, path: str, overwrite: bool) -> None:
+    """``UserError`` unless ``path`` (the value of ``flag``) can be written: its folder
+    exists, and it does not, or ``overwrite`` (the user's --overwrite) says to replace it."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise UserError(f"{flag} {path}: folder {folder} does not exist")
+    if os.path.exists(path) and not overwrite:
+        raise UserError(f"{flag} {path} already exists; add --overwrite to replace it")
+
+
 # ----------------------------------------------------------------------------- atomic files
 _UMASK = os.umask(0)
 os.umask(_UMASK)
