@@ -1,4 +1,5 @@
-"""Training losses on normalised targets.
+"""Training losses on normalised targets, and the self-supervised objectives' losses
+(``supcon_loss``, ``clip_loss``, ``timing_loss``, used by pretrain_ssl.py).
 
 Every loss takes ``(pred, target)`` of shape (B, T) in normalised units
 (z = (y - train mean) / train std, per target) and returns a scalar that averages over
