@@ -18,13 +18,14 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import pandas as pd
 import torch
 
 import metrics
+import utils
 from utils import UserError, all_gather_object, all_reduce_sum, progress, write_csv_atomic
 
 MMHG_DECIMALS = 4  # decimals of every predicted mmHg value (see to_mmhg)
@@ -48,6 +49,24 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
                         f"many processes per node (torchrun --nproc_per_node)")
     torch.cuda.set_device(local_rank)
     return torch.device("cuda", local_rank)
+
+
+@contextlib.contextmanager
+def process(device_name: str, threads: int) -> Iterator[Tuple[utils.DistInfo, torch.device]]:
+    """(torchrun's process info, the device) of one training process: the process group
+    joined (NCCL on CUDA, gloo otherwise; nothing without torchrun) and torch's CPU threads
+    set to ``threads`` (0: as they are). Both are put back on exit, for a caller in the
+    same process (crossval_bp.py, tune_bp.py, tests)."""
+    dist = utils.dist_env()
+    device = resolve_device(device_name, dist.local_rank)
+    utils.init_distributed(dist, "nccl" if device.type == "cuda" else "gloo")
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads or before)
+    try:
+        yield dist, device
+    finally:
+        torch.set_num_threads(before)
+        utils.destroy_distributed()
 
 
 def resolve_amp(amp: str, device: torch.device) -> Optional[torch.dtype]:

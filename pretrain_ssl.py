@@ -247,19 +247,6 @@ def parse_args(argv: Optional[Sequence[str]]):
 
 
 # ============================================================================= records
-def check_out_dir(args) -> None:
-    """Refuse to write over another run unless asked; with --resume require ssl_last.pth."""
-    out = args.out_dir
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise UserError(f"--out_dir {out} exists and is not a directory")
-    if args.resume:
-        if not os.path.isfile(os.path.join(out, "ssl_last.pth")):
-            raise UserError(f"--resume: {out} holds no ssl_last.pth to continue from")
-    elif os.path.isdir(out) and os.listdir(out) and not args.overwrite:
-        raise UserError(f"--out_dir {out} is not empty; add --resume to continue that run, "
-                        f"--overwrite to replace it, or choose a new --out_dir")
-
-
 def folder_records(args) -> Tuple[pd.DataFrame, Optional[float]]:
     """(ssoid, npz_dir) of every npz in the folders, and their common sampling rate."""
     channels = backbones.MODALITY_CHANNELS[args.modality]
@@ -918,21 +905,13 @@ def batch_loss_fn(train_model, views: ViewMaker, objectives: Dict[str, float], p
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
     args = parse_args(argv)
-    dist = utils.dist_env()
-    device = engine.resolve_device(args.device, dist.local_rank)
-    utils.init_distributed(dist, "nccl" if device.type == "cuda" else "gloo")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(args.threads or threads)
-    try:
+    with engine.process(args.device, args.threads) as (dist, device):
         pretrain(args, dist, device)
-    finally:
-        torch.set_num_threads(threads)
-        utils.destroy_distributed()
 
 
 def start_on_rank0(args, dist: utils.DistInfo):
     def start():
-        check_out_dir(args)
+        utils.check_run_dir(args.out_dir, args.resume, args.overwrite, "ssl_last.pth")
         saved = (utils.load_checkpoint(os.path.join(args.out_dir, "ssl_last.pth"))
                  if args.resume else None)
         if saved is not None:

@@ -288,22 +288,6 @@ def parse_args(argv: Optional[Sequence[str]]):
 
 
 # ============================================================================= out_dir
-def check_out_dir(args) -> None:
-    """Refuse to write over another run unless asked; with --resume require bp_last.pth.
-
-    Nothing is created here: the folder appears only once every input has been checked.
-    """
-    out = args.out_dir
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise UserError(f"--out_dir {out} exists and is not a directory")
-    if args.resume:
-        if not os.path.isfile(os.path.join(out, "bp_last.pth")):
-            raise UserError(f"--resume: {out} holds no bp_last.pth to continue from")
-    elif os.path.isdir(out) and os.listdir(out) and not args.overwrite:
-        raise UserError(f"--out_dir {out} is not empty; add --resume to continue that run, "
-                        f"--overwrite to replace it, or choose a new --out_dir")
-
-
 def check_resume(args, saved: dict, world_size: int) -> None:
     """A resume must repeat the killed run's settings and number of processes."""
     for key, value in vars(args).items():
@@ -987,7 +971,7 @@ def start_on_rank0(args, dist: utils.DistInfo):
     Returns (bp_last.pth contents or None, rows, seq_len, skipped, stats, audit).
     """
     def start():
-        check_out_dir(args)
+        utils.check_run_dir(args.out_dir, args.resume, args.overwrite, "bp_last.pth")
         saved = utils.load_checkpoint(os.path.join(args.out_dir, "bp_last.pth")) \
             if args.resume else None
         if saved is not None:
@@ -1142,16 +1126,8 @@ def main(argv: Optional[Sequence[str]] = None, on_epoch: Optional[Callable] = No
     ``evaluate_test=False`` leaves the test split unevaluated (final_metrics.json holds
     ``val`` alone; --resume later adds the test)."""
     args = parse_args(argv)
-    dist = utils.dist_env()
-    device = engine.resolve_device(args.device, dist.local_rank)
-    utils.init_distributed(dist, "nccl" if device.type == "cuda" else "gloo")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(args.threads or threads)
-    try:
+    with engine.process(args.device, args.threads) as (dist, device):
         train(args, dist, device, on_epoch, evaluate_test)
-    finally:  # as it was, for a caller in the same process (crossval_bp.py, tests)
-        torch.set_num_threads(threads)
-        utils.destroy_distributed()
 
 
 def train(args, dist: utils.DistInfo, device: torch.device,

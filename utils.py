@@ -89,6 +89,20 @@ def check_output_file(flag: str, path: str, overwrite: bool) -> None:
         raise UserError(f"{flag} {path} already exists; add --overwrite to replace it")
 
 
+def check_run_dir(out: str, resume: bool, overwrite: bool, last: str) -> None:
+    """Refuse to write over another run in ``out`` (an --out_dir) unless ``overwrite``;
+    with ``resume`` require the run's ``last`` checkpoint there. Creates nothing: the
+    folder appears only once every input has been checked."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise UserError(f"--out_dir {out} exists and is not a directory")
+    if resume:
+        if not os.path.isfile(os.path.join(out, last)):
+            raise UserError(f"--resume: {out} holds no {last} to continue from")
+    elif os.path.isdir(out) and os.listdir(out) and not overwrite:
+        raise UserError(f"--out_dir {out} is not empty; add --resume to continue that run, "
+                        f"--overwrite to replace it, or choose a new --out_dir")
+
+
 # ----------------------------------------------------------------------------- atomic files
 _UMASK = os.umask(0)
 os.umask(_UMASK)

@@ -44,28 +44,34 @@ TARGETS = ["right_arm_sbp", "right_arm_dbp"]
 def get_args_parser() -> ArgumentParser:
     p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="bench_out/ssl", help="folder for everything (reused)")
-    p.add_argument("--n_subjects", type=int, default=1500)
-    p.add_argument("--records_per_subject", type=int, default=4)
+    p.add_argument("--n_subjects", type=int, default=1500,
+                   help="subjects of the synthetic cohort (unlabelled pool, labelled pool, test)")
+    p.add_argument("--records_per_subject", type=int, default=4, help="records per subject")
     p.add_argument("--n_test", type=int, default=300, help="subjects of the fixed test set")
     p.add_argument("--n_labelled", type=int, default=400, help="subjects of the labelled pool")
     p.add_argument("--seq_len", type=int, default=1500, help="samples per 15 s record")
-    p.add_argument("--arch", default="small")
+    p.add_argument("--arch", default="small", help="Net1D size of every encoder (as train_bp.py)")
     p.add_argument("--fusion", default="early",
                    help="of pre-training and fine-tuning (early: contrastive + timing; "
                         "late/mid: cross-modal too)")
-    p.add_argument("--label_counts", type=int, nargs="+", default=[25, 50, 100, 400])
+    p.add_argument("--label_counts", type=int, nargs="+", default=[25, 50, 100, 400],
+                   help="labelled subjects of each fine-tune (drawn from the labelled pool)")
     p.add_argument("--alone_counts", type=int, nargs="+", default=[25, 50],
                    help="label counts at which each objective alone is fine-tuned too")
-    p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
-    p.add_argument("--ssl_epochs", type=int, default=30)
-    p.add_argument("--ft_epochs", type=int, default=30)
-    p.add_argument("--ssl_batch", type=int, default=128)
-    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3],
+                   help="seeds of pre-training and fine-tuning; the table gives mean and SD")
+    p.add_argument("--ssl_epochs", type=int, default=30, help="pre-training epochs")
+    p.add_argument("--ft_epochs", type=int, default=30, help="fine-tuning epochs")
+    p.add_argument("--ssl_batch", type=int, default=128, help="pre-training batch size")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch CPU threads of every run (0: torch's default)")
     p.add_argument("--bidmc", default=None, help="folder of the BIDMC WFDB records")
     p.add_argument("--bidmc_seq_len", type=int, default=1250, help="samples per 10 s window")
-    p.add_argument("--bidmc_epochs", type=int, default=20)
-    p.add_argument("--bidmc_heldout", type=float, default=0.25)
-    p.add_argument("--skip_synthetic", action="store_true")
+    p.add_argument("--bidmc_epochs", type=int, default=20, help="pre-training epochs on BIDMC")
+    p.add_argument("--bidmc_heldout", type=float, default=0.25,
+                   help="share of BIDMC records held out from pre-training and scored")
+    p.add_argument("--skip_synthetic", action="store_true",
+                   help="run only the BIDMC check (with --bidmc)")
     return p
 
 
