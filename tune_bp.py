@@ -618,10 +618,11 @@ def note_of(trial, retried_as: Dict[int, int]) -> str:
 
 
 def importances(study: optuna.Study, seed: int) -> Dict[str, float]:
-    """fANOVA importances over the completed trials ({} with fewer than two, or when no
+    """fANOVA importances over the completed trials ({} with fewer than two, when all
+    scored the same (fANOVA has no variance to share out and raises), or when no
     parameter present in every one of them varied)."""
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    if len(complete) < 2:
+    if len({t.value for t in complete}) < 2:
         return {}
     common = set.intersection(*(set(t.params) for t in complete))
     varied = [p for p in common if len({repr(t.params[p]) for t in complete}) > 1]

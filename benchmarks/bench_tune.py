@@ -1,9 +1,12 @@
 """tune_bp.py against the project's defaults and against a random search of the same budget,
-on the synthetic cohort, over seeds.
+on the synthetic cohort, over seeds; with ``--ppgbp``, inside the training folds of a
+cross-validation on PPG-BP, beside the defaults and the ridge.
 
     python benchmarks/bench_tune.py --out bench_out/tune                      # the issue's
     python benchmarks/bench_tune.py --out bench_out/tune_small --n_trials 12 --epochs 4 \\
         --n_subjects 60 --records_per_subject 2 --seq_len 1000 --arch tiny   # 2 CPU cores
+    python benchmarks/bench_tune.py --ppgbp ../shared/data/ppgbp/ppgbp_liang2018_vejovis_processed_1kHz.npz \\
+        --out bench_out/tune_ppgbp --n_trials 20 --epochs 30 --seeds 1
 
 Makes and prepares one synthetic cohort (``bench_fusion.prepare``), then for every seed (which
 also draws the subject split): one train_bp.py run with the project's default settings, one
@@ -11,7 +14,19 @@ with the other benchmarks' hand settings (batch 32, learning rates 2e-3), and tw
 searches of ``--n_trials`` trials over the default space, TPE and random, each ending in the
 single test evaluation of its best trial. Reports validation and test MAE (mean over the five
 targets), the wall time of each search, and the number of trials TPE needed to reach the best
-validation MAE of the random search (``-`` when it never did). Prints; asserts nothing.
+validation MAE of the random search (``-`` when it never did).
+
+With ``--ppgbp FILE``, PPG-BP is packed and prepared as ``bench_real.py`` does (its functions,
+into ``--out``), and for every seed: ``bench_real.py``'s run of the model on PPG + age, sex,
+BMI (``crossval_bp.py --folds K``, batch 32, learning rates 2e-3: "defaults" below), and for
+each fold i one TPE study of ``--n_trials`` trials with the same fixed flags less the
+searched ones and ``--folds K --fold i`` (trials scored on validation subjects drawn from
+the training folds; fold i is evaluated once, for the best trial). The best trial of each
+fold predicts that fold; those out-of-fold predictions are pooled by crossval_bp.py's own
+pooling, with the ridge (and boosted trees) on age, sex and BMI fitted on each fold's train
+split. Reports pooled out-of-fold SBP and DBP MAE of the defaults, the tuned models and the
+ridge, each model's MAE minus the ridge's with its paired 95 % subject-bootstrap interval,
+each fold's best trial, and the wall time. Prints; asserts nothing.
 """
 from __future__ import annotations
 
@@ -27,10 +42,14 @@ import pandas as pd
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench_real  # noqa: E402
+import crossval_bp  # noqa: E402
+import dataset  # noqa: E402
 import train_bp  # noqa: E402
 import tune_bp  # noqa: E402
+import utils  # noqa: E402
 from bench_fusion import TARGETS, get_args_parser as fusion_parser, prepare  # noqa: E402
-from utils import run_cli, write_text_atomic  # noqa: E402
+from utils import UserError, run_cli, write_text_atomic  # noqa: E402
 
 HAND = ["--batch_size", "32", "--lr_backbone", "2e-3", "--lr_head", "2e-3"]
 
@@ -38,9 +57,25 @@ HAND = ["--batch_size", "32", "--lr_backbone", "2e-3", "--lr_head", "2e-3"]
 def get_args_parser():
     p = fusion_parser()
     p.description = __doc__.split("\n\n")[0]
-    p.set_defaults(out="bench_out/tune", epochs=10)
+    p.set_defaults(out="bench_out/tune", epochs=None)
     p.add_argument("--n_trials", type=int, default=20, help="trials of each search")
+    p.add_argument("--ppgbp", default=None, metavar="FILE",
+                   help="the PPG-BP npz (bench_real.py --data): tune inside the training folds "
+                        "of a --folds cross-validation on it instead of the synthetic cohort")
+    p.add_argument("--folds", type=int, default=5, help="(--ppgbp) subject-wise CV folds")
+    p.add_argument("--subjects", type=int, default=None,
+                   help="(--ppgbp) only the first N subjects (a smoke run); default: all")
     return p
+
+
+def check_args(args) -> None:
+    """Epochs default to 10 (synthetic) or bench_real.py's 30 (PPG-BP)."""
+    if args.epochs is None:
+        args.epochs = bench_real.get_args_parser().get_default("epochs") if args.ppgbp else 10
+    for flag, value, low in (("--epochs", args.epochs, 1), ("--n_trials", args.n_trials, 1),
+                             ("--folds", args.folds, 2)):
+        if value < low:
+            raise UserError(f"{flag} must be at least {low}, got {value}")
 
 
 def fixed_flags(args, data: Dict[str, str], seed: int) -> List[str]:
@@ -109,8 +144,116 @@ def report(rows: List[dict], args) -> str:
     return "\n".join(lines)
 
 
+# ============================================================================= PPG-BP
+def real_args(args, seed: int):
+    """bench_real.py's arguments for one seed: its own defaults (batch, threads, workers)."""
+    return bench_real.get_args_parser().parse_args(
+        ["--out", args.out, "--data", args.ppgbp, "--folds", str(args.folds),
+         "--epochs", str(args.epochs), "--arch", args.arch, "--seeds", str(seed)]
+        + (["--subjects", str(args.subjects)] if args.subjects else []))
+
+
+def prepare_ppgbp(args) -> Dict[str, str]:
+    """PPG-BP packed and prepared into ``--out`` by bench_real.py's steps 1-2."""
+    real = real_args(args, args.seeds[0])
+    data = bench_real.read_ppgbp(real.data, real.subjects)
+    os.makedirs(args.out, exist_ok=True)
+    h5 = os.path.join(args.out, f"ppgbp_{len(data['ppg'])}.h5")
+    return bench_real.prepare(real, h5, bench_real.write_cohort(data, h5))
+
+
+def fold_search(args, paths: Dict[str, str], seed: int, fold: int) -> dict:
+    """One TPE study inside the training folds of ``fold``; its best.json."""
+    real = real_args(args, seed)
+    out = os.path.join(args.out, f"tune_seed{seed}", f"fold_{fold}")
+    tune_bp.main(["--out_dir", out, "--n_trials", str(args.n_trials), "--sampler", "tpe",
+                  "--npz_dir", paths["npz"], "--labels_csv", paths["labels"],
+                  "--target_cols", *bench_real.TARGETS, "--arch", real.arch,
+                  "--epochs", str(real.epochs), "--seed", str(seed), "--num_workers", "0",
+                  "--threads", str(real.threads), *bench_real.setups([])["ppg_cov"],
+                  "--folds", str(args.folds), "--fold", str(fold)])
+    with open(os.path.join(out, "best.json"), encoding="utf-8") as fh:
+        return json.load(fh)
+
+
+def pooled_best(bests: List[dict], labels_csv: str) -> dict:
+    """crossval_bp.py's pooled block over each fold's best trial's test predictions."""
+    labels = dataset.read_labels(labels_csv, bench_real.TARGETS)
+    frames = []
+    for fold, best in enumerate(bests):
+        ckpt = utils.load_checkpoint(os.path.join(best["out_dir"], "bp_best.pth"))
+        frames.append(crossval_bp.fold_frame(best["out_dir"], fold, labels, bench_real.TARGETS,
+                                             ckpt))
+    return crossval_bp.pooled_block(pd.concat(frames, ignore_index=True), bench_real.TARGETS,
+                                    None, labels)
+
+
+def ppgbp_seed(args, paths: Dict[str, str], seed: int) -> dict:
+    """Defaults under crossval, the tuned folds pooled, and their wall times."""
+    tic = time.perf_counter()
+    defaults = bench_real.run_cv(real_args(args, seed), paths, "ppg_cov",
+                                 bench_real.setups([])["ppg_cov"], seed)
+    mid = time.perf_counter()
+    bests = [fold_search(args, paths, seed, fold) for fold in range(args.folds)]
+    return {"seed": seed, "defaults": defaults, "tuned": pooled_best(bests, paths["labels"]),
+            "bests": bests, "defaults_s": mid - tic, "tuned_s": time.perf_counter() - mid}
+
+
+def _vs_ridge(block: dict, t: str) -> str:
+    ridge = block["covariate_baseline"]["per_target"][t]
+    lo, hi = ridge["model_mae_diff_ci95"]
+    return f"{ridge['model_mae_diff']:+.2f} [{lo:+.2f}, {hi:+.2f}]"
+
+
+def ppgbp_report(rows: List[dict], args) -> str:
+    sbp, dbp = bench_real.TARGETS
+    n = rows[0]["tuned"]["n_subjects"]
+    lines = [f"PPG-BP, {n} subjects, {args.folds}-fold subject-wise CV, --arch {args.arch}, "
+             f"{args.epochs} epochs, {args.n_trials} TPE trials per fold; pooled out-of-fold "
+             f"MAE in mmHg; model - ridge: paired 95 % subject-bootstrap interval", "",
+             "| seed | fit | SBP MAE | DBP MAE | SBP model - ridge | DBP model - ridge "
+             "| wall time (s) |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        for name, block, seconds in (("defaults (bench_real: batch 32, lr 2e-3)", r["defaults"], r["defaults_s"]),
+                                     ("tuned (best trial per fold)", r["tuned"], r["tuned_s"])):
+            lines.append(f"| {r['seed']} | {name} | {block['per_target'][sbp]['mae']:.2f} | "
+                         f"{block['per_target'][dbp]['mae']:.2f} | {_vs_ridge(block, sbp)} | "
+                         f"{_vs_ridge(block, dbp)} | {seconds:.0f} |")
+        for name, key in (("ridge age/sex/BMI", "covariate_baseline"),
+                          ("GBM age/sex/BMI", "gbm_baseline"), ("train mean", "baseline")):
+            if key in r["tuned"]:
+                fit = r["tuned"][key]["per_target"]
+                lines.append(f"| {r['seed']} | {name} | {fit[sbp]['mae']:.2f} | "
+                             f"{fit[dbp]['mae']:.2f} | | | |")
+    lines += ["", "| seed | fold | best trial | val MAE (mean) | test MAE SBP / DBP | settings |",
+              "|---|---|---|---|---|---|"]
+    for r in rows:
+        for fold, best in enumerate(r["bests"]):
+            test = best["test"]["per_target"]
+            lines.append(f"| {r['seed']} | {fold} | {best['best_trial']} | {best['value']:.2f} | "
+                         f"{test[sbp]['mae']:.2f} / {test[dbp]['mae']:.2f} | "
+                         f"{tune_bp.settings_text(best['params'])} |")
+    return "\n".join(lines)
+
+
+def run_ppgbp(args) -> None:
+    paths = prepare_ppgbp(args)
+    rows = []
+    for seed in args.seeds:
+        rows.append(ppgbp_seed(args, paths, seed))
+        print(f"seed {seed}: defaults {rows[-1]['defaults']['mean']['mae']:.2f}, tuned "
+              f"{rows[-1]['tuned']['mean']['mae']:.2f} mmHg (mean of SBP and DBP)", flush=True)
+    text = ppgbp_report(rows, args)
+    write_text_atomic(os.path.join(args.out, "tune_ppgbp_table.md"), text + "\n")
+    print(text)
+
+
 def main(argv=None) -> None:
     args = get_args_parser().parse_args(argv)
+    check_args(args)
+    if args.ppgbp:
+        run_ppgbp(args)
+        return
     os.makedirs(args.out, exist_ok=True)
     data = prepare(args)
     rows = []

@@ -230,3 +230,22 @@ def test_a_study_made_with_other_fixed_flags_is_refused(study_a, cohort, capsys)
     other_space = tune_argv(cohort, study_a)
     del other_space[other_space.index("--space"):other_space.index("--space") + 2]
     assert "was made with another search space" in _error(other_space, capsys)
+
+
+def test_importances_are_empty_when_every_complete_trial_scored_the_same():
+    # two PPG-BP trials that kept the same epoch-0 checkpoint: fANOVA raised "zero total
+    # variance" on them (or, with other parameters, shared out a variance of 0)
+    dist = optuna.distributions.FloatDistribution(1e-6, 1e-2, log=True)
+
+    def study_of(values):
+        study = optuna.create_study()
+        for (lr_backbone, lr_head), value in zip(((1.7049e-05, 3.6003e-04),
+                                                  (3.6862e-04, 8.2992e-04)), values):
+            study.add_trial(optuna.create_trial(
+                params={"lr_backbone": lr_backbone, "lr_head": lr_head},
+                distributions={"lr_backbone": dist, "lr_head": dist}, value=value))
+        return study
+
+    assert tune_bp.importances(study_of([12.788, 12.788]), seed=1) == {}
+    assert set(tune_bp.importances(study_of([12.788, 13.0]), seed=1)) == {"lr_backbone",
+                                                                          "lr_head"}
