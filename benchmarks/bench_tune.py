@@ -5,8 +5,8 @@ cross-validation on PPG-BP, beside the defaults and the ridge.
     python benchmarks/bench_tune.py --out bench_out/tune                      # the issue's
     python benchmarks/bench_tune.py --out bench_out/tune_small --n_trials 12 --epochs 4 \\
         --n_subjects 60 --records_per_subject 2 --seq_len 1000 --arch tiny   # 2 CPU cores
-    python benchmarks/bench_tune.py --ppgbp ../shared/data/ppgbp/ppgbp_liang2018_vejovis_processed_1kHz.npz \\
-        --out bench_out/tune_ppgbp --n_trials 20 --epochs 30 --seeds 1
+    python benchmarks/bench_tune.py --out bench_out/tune_ppgbp --ppgbp --n_trials 20 \\
+        --epochs 30 --seeds 1               # PPG-BP (bench_real.py's file), 5 folds
 
 Makes and prepares one synthetic cohort (``bench_fusion.prepare``), then for every seed (which
 also draws the subject split): one train_bp.py run with the project's default settings, one
@@ -59,9 +59,10 @@ def get_args_parser():
     p.description = __doc__.split("\n\n")[0]
     p.set_defaults(out="bench_out/tune", epochs=None)
     p.add_argument("--n_trials", type=int, default=20, help="trials of each search")
-    p.add_argument("--ppgbp", default=None, metavar="FILE",
-                   help="the PPG-BP npz (bench_real.py --data): tune inside the training folds "
-                        "of a --folds cross-validation on it instead of the synthetic cohort")
+    p.add_argument("--ppgbp", nargs="?", const=bench_real.DATA, default=None, metavar="FILE",
+                   help="the PPG-BP npz (bench_real.py --data; alone: ../shared/data/ppgbp/'s): "
+                        "tune inside the training folds of a --folds cross-validation on it "
+                        "instead of the synthetic cohort")
     p.add_argument("--folds", type=int, default=5, help="(--ppgbp) subject-wise CV folds")
     p.add_argument("--subjects", type=int, default=None,
                    help="(--ppgbp) only the first N subjects (a smoke run); default: all")
@@ -214,8 +215,9 @@ def ppgbp_report(rows: List[dict], args) -> str:
              "| seed | fit | SBP MAE | DBP MAE | SBP model - ridge | DBP model - ridge "
              "| wall time (s) |", "|---|---|---|---|---|---|---|"]
     for r in rows:
-        for name, block, seconds in (("defaults (bench_real: batch 32, lr 2e-3)", r["defaults"], r["defaults_s"]),
-                                     ("tuned (best trial per fold)", r["tuned"], r["tuned_s"])):
+        for name, block, seconds in (
+                ("defaults (bench_real: batch 32, lr 2e-3)", r["defaults"], r["defaults_s"]),
+                ("tuned (best trial per fold)", r["tuned"], r["tuned_s"])):
             lines.append(f"| {r['seed']} | {name} | {block['per_target'][sbp]['mae']:.2f} | "
                          f"{block['per_target'][dbp]['mae']:.2f} | {_vs_ridge(block, sbp)} | "
                          f"{_vs_ridge(block, dbp)} | {seconds:.0f} |")
