@@ -842,10 +842,21 @@ def print_clinical_table(block: dict, target_cols: Sequence[str], label: str = "
         print(f"note: interval: {note} (use more subjects or a larger --val_ratio)")
     audit = block["iso81060_2"]["population"]
     if not audit["pass"]:
-        failed = [f"{k} {v.get('n', '')}".strip() for k, v in audit["checks"].items()
+        failed = [f"{k} {audit_shortfall(v)}" for k, v in audit["checks"].items()
                   if not v["pass"]]
         print(f"note: the {label} population does not meet ISO 81060-2's minimums ("
               + ", ".join(failed + audit["not_assessed"]) + "): its criteria are no validation")
+
+
+def audit_shortfall(check: dict) -> str:
+    """A failed population check against its minimum: ``32 < 85``, ``3.1% < 5%`` or the
+    sex shares (``0 28%, 1 72%; each >= 30%``)."""
+    if "shares" in check:
+        return (", ".join(f"{k} {v:.0%}" for k, v in check["shares"].items())
+                + f"; each >= {check['minimum_share']:.0%}")
+    if "share" in check:
+        return f"{check['share']:.1%} < {check['minimum_share']:.0%}"
+    return f"{check['n']} < {check['minimum']}"
 
 
 def table_cells(values: Sequence[float], width: int, fmt: str) -> str:

@@ -243,3 +243,12 @@ def test_the_console_table_keeps_columns_apart_when_r2_is_large_and_negative(cap
     assert row.split() == ["a_very_long_target_name_sbp", "12.35", "15.00", "-1.50", "14.90",
                            "0.892", "-21.047", "9.00"]
     assert mean.split() == ["mean", "12.35", "15.00", "0.892", "-21.047", "9.00"]
+
+
+def test_a_failed_population_check_is_shown_against_its_minimum():
+    audit = metrics.population_audit(np.repeat(np.arange(32), 4), sbp=np.full(128, 120.0),
+                                     sex=np.repeat(np.arange(32) < 9, 4).astype(int))
+    checks = audit["checks"]
+    assert train_bp.audit_shortfall(checks["subjects"]) == "32 < 85"
+    assert train_bp.audit_shortfall(checks["sbp_ge_160"]) == "0.0% < 5%"
+    assert train_bp.audit_shortfall(checks["sex"]) == "0 72%, 1 28%; each >= 30%"
