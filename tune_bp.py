@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import io
 import json
 import math
 import os
@@ -806,10 +807,18 @@ def top_params_figure(complete, names: List[str], space: dict, metric: str) -> F
 
 
 # ============================================================================= main
+def check_data(parsed) -> None:
+    """The labels CSV and npz folder every trial reads, checked once before the study and
+    --out_dir are made (train_bp.py's own checks, its messages; its lines not printed)."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        train_bp.load_table(parsed)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> None:
     args, train_argv = parse_args(argv)
     parsed = fixed_args(train_argv, args.out_dir)  # fail early, before anything is written
     check_metric(args.metric, parsed.target_cols)
+    check_data(parsed)
     train_argv = crossval_bp.absolute_paths(train_argv, parsed)
     space = build_space(args.space, train_argv, parsed)
     settings = study_settings(parsed, space, args.metric)

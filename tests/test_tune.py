@@ -219,6 +219,9 @@ def test_bad_files_flags_and_storages_are_one_line(cohort, tmp_path, capsys):
         argv + ["--metric", "val_mae_pp"], capsys)
     assert "--storage nosuchdb://x cannot be opened" in _error(
         argv + ["--storage", "nosuchdb://x"], capsys)
+    labels = argv.index("--labels_csv") + 1
+    assert _error(argv[:labels] + [str(tmp_path / "none.csv")] + argv[labels + 1:], capsys) \
+        == f"error: labels CSV {tmp_path / 'none.csv'}: no such file"  # before any study
     assert not (tmp_path / "out").exists()
 
 
