@@ -850,12 +850,15 @@ def check_out(args) -> None:
 
 
 def next_command(out: str, specs: Dict[str, SignalSpec], fields: Dict[str, str]) -> str:
+    """The prep command for the file just written (no --target_cols without BP fields:
+    a labels CSV without targets)."""
     targets = [t for t in ("sbp", "dbp") if t in fields]
     length = next(iter(specs.values())).length
-    flags = [f"--{s}_key none" for s in SIGNALS if s not in specs]
-    return (f"next: python prepare_kailuan_npz.py --h5_path {out} --subject_key subject "
-            f"--target_cols {' '.join(targets) or '(none)'} --target_seq_len {length} "
-            f"--output_npz DIR --output_csv labels.csv {' '.join(flags)}").rstrip()
+    flags = ([f"--target_cols {' '.join(targets)}"] if targets else []) \
+        + [f"--target_seq_len {length}", "--output_npz DIR", "--output_csv labels.csv"] \
+        + [f"--{s}_key none" for s in SIGNALS if s not in specs]
+    return f"next: python prepare_kailuan_npz.py --h5_path {out} --subject_key subject " \
+        + " ".join(flags)
 
 
 SOURCES = {"wfdb": WfdbSource, "pulsedb": PulseDBSource, "arrays": ArraysSource}

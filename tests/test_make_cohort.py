@@ -186,9 +186,14 @@ def test_wfdb_bp_from_cuff_readings_by_record_and_time(records, tmp_path, capsys
     assert list(h["metadata/subject"]) == ["person0", "person0"]
 
 
-def test_bidmc_record_without_arterial_channel_goes_through_prep_without_targets(tmp_path):
+def test_bidmc_record_without_arterial_channel_goes_through_prep_without_targets(tmp_path,
+                                                                                capsys):
     out = tmp_path / "bidmc.h5"
     convert("wfdb", "--records", os.path.join(DATA, "bidmc"), "--out", out)
+    # the suggested prep command is one prep accepts: no --target_cols without BP
+    assert capsys.readouterr().out.splitlines()[-1] == (
+        f"next: python prepare_kailuan_npz.py --h5_path {out} --subject_key subject "
+        f"--target_seq_len 1250 --output_npz DIR --output_csv labels.csv")
     h = read_h5(out)
     assert h["signals/ppg"].shape == (48, WIN) and "metadata/sbp" not in h
     assert h["metadata/age"][0] == 88 and h["metadata/sex"][0] == "M"
