@@ -68,6 +68,7 @@ NOT_SEARCHABLE = {"npz_dir", "labels_csv", "out_dir", "target_cols", "resume", "
 SPEC_KEYS = {"type", "low", "high", "log", "step", "choices", "when"}
 PATH_TOKENS = tuple(f"--{k}" for k in crossval_bp.PATH_FLAGS)
 MAX_RETRY = 3  # retries of a killed trial (each one a new trial with the same settings)
+SCHEMA_TRIES = 10  # attempts to open an RDB storage whose tables another process creates
 DONE = (TrialState.COMPLETE, TrialState.PRUNED)
 DEFAULT_SPACE: Dict[str, dict] = {
     "freeze_backbone": {"type": "categorical", "choices": [False, True]},
@@ -384,16 +385,24 @@ def open_storage(url: str, heartbeat: int):
         print("note: the journal storage has no heartbeat: a killed trial stays RUNNING "
               "(an RDB storage fails and retries it)")
         return JournalStorage(JournalFileBackend(path))
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return optuna.storages.RDBStorage(
-                url, heartbeat_interval=heartbeat,
-                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(
-                    MAX_RETRY))
-    except (ImportError, ValueError, sqlalchemy.exc.SQLAlchemyError) as exc:
-        reason = " ".join(str(exc).split())[:200] or type(exc).__name__
-        raise UserError(f"--storage {shown_url(url)} cannot be opened: {reason}") from None
+    for attempt in range(SCHEMA_TRIES):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return optuna.storages.RDBStorage(
+                    url, heartbeat_interval=heartbeat,
+                    heartbeat_stale_trial_callback=optuna.storages
+                    .RetryHeartbeatStaleTrialCallback(MAX_RETRY))
+        except (ImportError, ValueError, sqlalchemy.exc.SQLAlchemyError) as exc:
+            # processes that start together race to create a new database's tables: the
+            # loser's insert fails (or finds it locked) and the next try finds them made
+            racing = isinstance(exc, sqlalchemy.exc.IntegrityError) or (
+                isinstance(exc, sqlalchemy.exc.OperationalError) and "locked" in str(exc))
+            if racing and attempt + 1 < SCHEMA_TRIES:
+                time.sleep(0.2 * (attempt + 1))
+                continue
+            reason = " ".join(str(exc).split())[:200] or type(exc).__name__
+            raise UserError(f"--storage {shown_url(url)} cannot be opened: {reason}") from None
 
 
 def study_settings(parsed, space: dict, metric: str) -> dict:

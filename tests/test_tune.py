@@ -181,6 +181,24 @@ def test_two_processes_share_one_sqlite_study_and_finish_n_distinct_trials(cohor
     assert json.loads((out / "best.json").read_text())["states"]["COMPLETE"] == 5
 
 
+def test_a_process_that_loses_the_race_to_create_the_tables_opens_them_next(tmp_path,
+                                                                             monkeypatch):
+    import sqlalchemy.exc
+
+    real, calls = optuna.storages.RDBStorage, []
+
+    def racing(url, **kwargs):  # the other process inserted alembic_version first
+        calls.append(url)
+        if len(calls) == 1:
+            raise sqlalchemy.exc.IntegrityError("INSERT INTO alembic_version", {}, Exception(
+                "UNIQUE constraint failed: alembic_version.version_num"))
+        return real(url, **kwargs)
+
+    monkeypatch.setattr(optuna.storages, "RDBStorage", racing)
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    assert isinstance(tune_bp.open_storage(url, 60), real) and len(calls) == 2
+
+
 def _error(argv, capsys):
     assert utils.run_cli(tune_bp.main, argv) == 2
     return error_line(capsys.readouterr().err)
