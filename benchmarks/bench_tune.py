@@ -26,7 +26,9 @@ fold predicts that fold; those out-of-fold predictions are pooled by crossval_bp
 pooling, with the ridge (and boosted trees) on age, sex and BMI fitted on each fold's train
 split. Reports pooled out-of-fold SBP and DBP MAE of the defaults, the tuned models and the
 ridge, each model's MAE minus the ridge's with its paired 95 % subject-bootstrap interval,
-each fold's best trial, and the wall time. Prints; asserts nothing.
+each fold's best trial beside the defaults' run of that fold, and the wall time of this
+invocation (a re-run keeps finished folds and trials, so it then counts only what was left).
+Prints and writes ``OUT/tune_ppgbp_table.md``; asserts nothing.
 """
 from __future__ import annotations
 
