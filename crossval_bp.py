@@ -62,12 +62,17 @@ def get_args_parser() -> utils.ArgumentParser:
     return p
 
 
+def refuse_managed(train_argv: Sequence[str], managed, who: str) -> None:
+    """``UserError`` when the train_bp.py flags name one of ``managed``, which ``who`` (a
+    script running train_bp.py several times) sets itself."""
+    taken = [a for a in train_argv if a.split("=")[0] in managed]
+    if taken:
+        raise UserError(f"{taken[0].split('=')[0]} is set by {who}; leave it out")
+
+
 def parse_args(argv: Optional[Sequence[str]]) -> Tuple[object, List[str]]:
     args, train_argv = get_args_parser().parse_known_args(argv)
-    taken = [a for a in train_argv if a.split("=")[0] in MANAGED]
-    if taken:
-        raise UserError(f"{taken[0].split('=')[0]} is set by crossval_bp.py for each fold; "
-                        f"leave it out")
+    refuse_managed(train_argv, MANAGED, "crossval_bp.py for each fold")
     if args.folds < 2:
         raise UserError(f"--folds must be at least 2, got {args.folds}")
     return args, train_argv

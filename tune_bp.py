@@ -134,10 +134,7 @@ def get_args_parser() -> utils.ArgumentParser:
 
 def parse_args(argv: Optional[Sequence[str]]) -> Tuple[object, List[str]]:
     args, train_argv = get_args_parser().parse_known_args(argv)
-    taken = [a for a in train_argv if a.split("=")[0] in MANAGED]
-    if taken:
-        raise UserError(f"{taken[0].split('=')[0]} is set by tune_bp.py for each trial; "
-                        f"leave it out")
+    crossval_bp.refuse_managed(train_argv, MANAGED, "tune_bp.py for each trial")
     for flag, value, low in (("--n_trials", args.n_trials, 1), ("--startup_trials",
                              args.startup_trials, 0), ("--prune_startup", args.prune_startup, 0),
                              ("--prune_warmup", args.prune_warmup, 1),
