@@ -64,6 +64,9 @@ def process(device_name: str, threads: int) -> Iterator[Tuple[utils.DistInfo, to
     torch.set_num_threads(threads or before)
     try:
         yield dist, device
+        # on success every rank leaves together: a rank whose process group went down while
+        # rank 0 still wrote its reports once ended with "terminate called" (SIGABRT)
+        utils.barrier()
     finally:
         torch.set_num_threads(before)
         utils.destroy_distributed()
